@@ -1,0 +1,100 @@
+"""torch.library registration of the chunked KDA kernels (so torch.compile sees two opaque ops) and
+their autograd formula. Options cross the op boundary as scalars and are rebuilt into KDAOptions."""
+from typing import List, Optional
+
+import torch
+
+from .chunk_launch import chunk_kda_fwd, chunk_kda_bwd
+from .options import KDAOptions
+
+
+def _opts(scale, use_qk_l2norm, use_gate, use_beta_sigmoid, lower_bound, output_final_state, chunk_size):
+    return KDAOptions(scale=scale, use_qk_l2norm=use_qk_l2norm, use_gate=use_gate,
+                      use_beta_sigmoid=use_beta_sigmoid, lower_bound=lower_bound,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
+
+
+def _empty(x):
+    return x.new_zeros(0)
+
+
+@torch.library.custom_op("fastattn::kda_chunk_fwd", mutates_args=())
+def kda_chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+                     initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                     scale: float, use_qk_l2norm: bool, use_gate: bool, use_beta_sigmoid: bool,
+                     lower_bound: Optional[float], output_final_state: bool, chunk_size: int
+                     ) -> List[torch.Tensor]:
+    opts = _opts(scale, use_qk_l2norm, use_gate, use_beta_sigmoid, lower_bound, output_final_state, chunk_size)
+    o, ht, saved = chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts)
+    return [o, ht if ht is not None else _empty(q).float(), *saved]
+
+
+@kda_chunk_fwd_op.register_fake
+def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, use_qk_l2norm, use_gate,
+      use_beta_sigmoid, lower_bound, output_final_state, chunk_size):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ctx = torch.library.get_ctx()
+    NT = ctx.new_dynamic_size() if cu_seqlens is not None else B * ((T + chunk_size - 1) // chunk_size)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    ht = q.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
+    rstd = q.new_empty(2, B, T, HV, **f32) if use_qk_l2norm else q.new_empty(2, 1, **f32)
+    return [v.new_empty(B, T, HV, V), ht, q.new_empty(B, T, HV, K, **f32), q.new_empty(B, T, HV, chunk_size, **f32),
+            q.new_empty(B, T, HV, chunk_size, **f32), rstd, q.new_empty(NT, HV, K, V, **f32)]
+
+
+@torch.library.custom_op("fastattn::kda_chunk_bwd", mutates_args=())
+def kda_chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+                     initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                     Gc: torch.Tensor, Aqk: torch.Tensor, Tinv: torch.Tensor, rstd: torch.Tensor, h: torch.Tensor,
+                     do: torch.Tensor, dht: Optional[torch.Tensor],
+                     scale: float, use_qk_l2norm: bool, use_gate: bool, use_beta_sigmoid: bool,
+                     lower_bound: Optional[float], chunk_size: int) -> List[torch.Tensor]:
+    opts = _opts(scale, use_qk_l2norm, use_gate, use_beta_sigmoid, lower_bound, False, chunk_size)
+    grads = chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens,
+                          (Gc, Aqk, Tinv, rstd, h), do.contiguous(), None if dht is None else dht.contiguous(), opts)
+    return [x if x is not None else _empty(q) for x in grads]
+
+
+@kda_chunk_bwd_op.register_fake
+def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, Gc, Aqk, Tinv, rstd, h, do, dht,
+      scale, use_qk_l2norm, use_gate, use_beta_sigmoid, lower_bound, chunk_size):
+    def like(x):
+        return torch.empty_like(x) if x is not None else q.new_empty(0)
+    return [like(q), like(k), like(v), like(g), like(beta), like(A_log), like(dt_bias), like(initial_state)]
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, g, beta, A_log, dt_bias, h0, cu, scale, l2, gate, sig, lb, out_ht, bt) = inputs
+    ctx.opts = _opts(scale, l2, gate, sig, lb, out_ht, bt)
+    ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, h0, cu, *output[2:])
+
+
+def _backward(ctx, grads):
+    q, k, v, g, beta, A_log, dt_bias, h0, cu, Gc, Aqk, Tinv, rstd, h = ctx.saved_tensors
+    opts: KDAOptions = ctx.opts
+    do, dht = grads[0], grads[1]
+    if do is None:
+        do = torch.zeros_like(v)
+    if not opts.output_final_state:
+        dht = None
+    dq, dk, dv, dg, dbeta, dA, dbias, dh0 = kda_chunk_bwd_op(
+        q, k, v, g, beta, A_log, dt_bias, h0, cu, Gc, Aqk, Tinv, rstd, h, do, dht,
+        opts.scale, opts.use_qk_l2norm, opts.use_gate, opts.use_beta_sigmoid, opts.lower_bound, opts.chunk_size)
+    return (dq, dk, dv, dg, dbeta, dA if A_log is not None else None, dbias if dt_bias is not None else None,
+            dh0 if h0 is not None else None, None, None, None, None, None, None, None, None)
+
+
+kda_chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk_kda_triton(q, k, v, g, beta, *, opts: KDAOptions, initial_state=None, A_log=None, dt_bias=None,
+                     cu_seqlens=None):
+    """Run the chunked Triton kernels through the registered op; returns (o, final_state or None)."""
+    out = kda_chunk_fwd_op(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts.scale,
+                           opts.use_qk_l2norm, opts.use_gate, opts.use_beta_sigmoid, opts.lower_bound,
+                           opts.output_final_state, opts.chunk_size)
+    return out[0], (out[1] if opts.output_final_state else None)
