@@ -6,8 +6,7 @@ themselves before exp2.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-L2NORM_EPS = 1e-6
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -32,7 +31,7 @@ def gate_bwd(x, a, b, dg, HAS_LB: tl.constexpr, LB: tl.constexpr):
     z = x + b
     if HAS_LB:
         s = tl.sigmoid(a * z)
-        ds = LB * s * (1.0 - s) * dg
+        ds = LB * s * tl.sigmoid(-a * z) * dg  # s(1 - s) without the cancellation of 1 - s
         dx = ds * a
         da_log = ds * a * z
     else:

@@ -177,8 +177,9 @@ def kda_intra_bwd_kernel(q, k, v, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q
     else:
         tl.store(dg + o_g, b_dg.to(dg.dtype.element_ty), mask=m)
 
-    if USE_SIGMOID:
-        b_dbeta = b_dbeta * b_beta * (1. - b_beta)
+    if USE_SIGMOID:  # sigmoid' = s(x) s(-x): exact also where s(x) rounds to 1
+        b_braw = tl.load(beta + tok * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+        b_dbeta = b_dbeta * b_beta * tl.sigmoid(-b_braw)
     tl.store(dbeta + tok * HV + i_hv, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
     o_qk = ((tok * H + i_h) * K)[:, None] + o_k[None, :]

@@ -108,13 +108,21 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q, r
     b_Aqk = tl.where(m_valid & (o_t[:, None] >= o_t[None, :]), b_Aqk * scale * b_rq[:, None] * b_rk[None, :], 0.)
     b_L = tl.where(m_valid & (o_t[:, None] > o_t[None, :]), b_Akk * (b_beta * b_rk)[:, None] * b_rk[None, :], 0.)
 
-    # (I + L)^-1 by forward substitution: row i = e_i - sum_{j<i} L_ij row_j
-    b_T = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
-    for i in range(1, BT):
-        m_i = (o_t == i)[:, None]
-        b_l = tl.sum(tl.where(m_i, b_L, 0.), axis=0)
-        b_row = tl.where(o_t == i, 1., 0.) - tl.sum(b_l[:, None] * b_T, axis=0)
-        b_T = tl.where(m_i, b_row[None, :], b_T)
+    # (I + L)^-1 in blocks: D = inverse of the block-diagonal part, by substitution over the 16 row
+    # phases (rows i % BC == c at once, each a tensor-core product); then with M = D L_off (strictly
+    # block-lower, M^4 = 0 for 4 blocks): (I + L)^-1 = (I - M)(I + M^2) D.
+    b_I = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
+    m_blk = (o_t // BC)[:, None] == (o_t // BC)[None, :]
+    b_D = b_I
+    for c in range(1, BC):
+        m_c = (o_t % BC == c)[:, None]
+        b_Lc = tl.where(m_c & m_blk, b_L, 0.)
+        b_D = tl.where(m_c, b_I - tl.dot(b_Lc, b_D, input_precision="tf32x3"), b_D)
+    b_T = b_D
+    if BT > BC:
+        b_M = tl.dot(b_D, tl.where(m_blk, 0., b_L), input_precision="tf32x3")
+        b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
+        b_T = tl.dot(tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3"), b_D, input_precision="tf32x3")
 
     o_a = (tok * HV + i_hv) * BT
     tl.store(Aqk + o_a[:, None] + o_t[None, :], b_Aqk, mask=m_t[:, None])

@@ -1,0 +1,190 @@
+"""chunk_kda through the Triton kernels: outputs and every gradient against the float64 oracle.
+
+Interpreter lane: ``TRITON_INTERPRET=1 FASTATTN_BACKEND=triton python -m pytest -m interpret`` (fp32/fp16,
+small shapes). GPU lane: ``python -m pytest -m gpu`` (bf16/fp16/fp32 at real sizes, torch.compile,
+32-bit-overflowing offsets).
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastattn
+from kda_utils import TOL, call, check_against_oracle, loss_and_grads, make_case, needs_kernels, rel
+from reference.kda import naive_chunk_kda
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTATTN_BACKEND", "triton")
+
+
+# (B, T, H, HV, K, V, chunk, gate, l2, sig, h0, varlen)
+CASES = [
+    (1, 40, 1, 1, 16, 16, 16, "none", False, False, False, None),
+    (2, 65, 1, 2, 24, 20, 32, "softplus", True, True, True, None),
+    (1, 130, 2, 2, 32, 32, 64, "lb", True, False, True, None),
+    (1, 63, 1, 1, 48, 16, 64, "none", True, True, True, None),
+    (1, 99, 1, 2, 16, 48, 32, "softplus", False, True, False, [0, 5, 40, 57, 99]),
+    (1, 2, 2, 4, 16, 24, 64, "lb", True, True, True, None),
+]
+
+
+def _id(c):
+    B, T, H, HV, K, V, BT, gate, l2, sig, h0, cu = c
+    return f"B{B}-T{T}-H{H}-HV{HV}-K{K}-V{V}-C{BT}-{gate}-l2{int(l2)}-sig{int(sig)}-h0{int(h0)}-vl{int(cu is not None)}"
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_chunk_matches_oracle(case, dtype):
+    B, T, H, HV, K, V, BT, gate, l2, sig, h0, cu = case
+    if dtype == torch.float16 and case is not CASES[1] and case is not CASES[4]:
+        pytest.skip("fp16 runs on two representative cases to bound the interpreter time")
+    x, kw = make_case(B, T, H, HV, K, V, dtype, gate=gate, l2=l2, sig=sig, h0=h0, cu=cu)
+    check_against_oracle(fastattn.chunk_kda, x, kw, dtype, chunk_size=BT)
+
+
+@pytest.mark.interpret
+@needs_kernels
+@settings(max_examples=8)
+@given(T=st.integers(1, 70), K=st.sampled_from([16, 24, 32]), V=st.sampled_from([16, 20, 32]),
+       hv_per_h=st.sampled_from([1, 2]), gate=st.sampled_from(["none", "softplus", "lb"]),
+       l2=st.booleans(), sig=st.booleans(), h0=st.booleans(), chunk=st.sampled_from([16, 32, 64]),
+       beta=st.sampled_from(["random", "binary"]), seed=st.integers(0, 2 ** 16))
+def test_chunk_property(T, K, V, hv_per_h, gate, l2, sig, h0, chunk, beta, seed):
+    x, kw = make_case(1, T, 1, hv_per_h, K, V, torch.float32, gate=gate, l2=l2, sig=sig, h0=h0, beta=beta, seed=seed)
+    check_against_oracle(fastattn.chunk_kda, x, kw, torch.float32, chunk_size=chunk)
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("gate", ["softplus", "none"])
+def test_chunk_extreme_gates(gate):
+    """Per-step decays down to about -30 (and huge raw gates): no overflow, no NaN, still exact.
+    dA_log sums g * dg where dg at a wiping step is an O(1) sum that cancels to ~0, so fp32 rounding
+    there is amplified by |g|: it gets a 50x looser bound (measured ~2e-3)."""
+    x, kw = make_case(1, 67, 1, 2, 20, 12, torch.float32, gate=gate, gscale=30.0 if gate == "softplus" else 15.0,
+                      h0=True, seed=3)
+    o, ht = call(fastattn.chunk_kda, x, kw)
+    ro, rht = call(naive_chunk_kda, x, kw)
+    assert rel(o, ro) < 1e-4 and rel(ht, rht) < 1e-4
+    got, ref = loss_and_grads(o, ht, x), loss_and_grads(ro, rht, x)
+    for name in got:
+        tol = 5e-3 if name == "A_log" else 1e-4 * (3 if name in ("g", "dt_bias") else 1)
+        assert rel(got[name], ref[name]) < tol, (name, rel(got[name], ref[name]))
+
+
+@pytest.mark.interpret
+@needs_kernels
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunk_causality_is_exact(chunk):
+    """Changing tokens after position t changes no output before t, bit for bit."""
+    x, kw = make_case(1, 90, 1, 1, 16, 16, torch.float32, gate="softplus", gscale=10.0, seed=5)
+    kw["output_final_state"] = False
+    with torch.no_grad():
+        o1, _ = call(fastattn.chunk_kda, x, kw, chunk_size=chunk)
+        t = 37
+        y = {n: v.detach().clone() for n, v in x.items()}
+        for n in ("q", "k", "v", "g", "beta"):
+            y[n][:, t:] = torch.randn_like(y[n][:, t:]) * 5
+        o2, _ = call(fastattn.chunk_kda, y, kw, chunk_size=chunk)
+    assert torch.equal(o1[:, :t], o2[:, :t])
+    assert not torch.equal(o1[:, t:], o2[:, t:])
+
+
+@pytest.mark.interpret
+@needs_kernels
+def test_chunk_prefill_then_recurrent_decode():
+    """chunk_kda on a prefix, then fused_recurrent_kda token by token carrying the state, equals chunk_kda
+    on the whole sequence."""
+    x, kw = make_case(1, 40, 1, 2, 16, 16, torch.float32, gate="softplus", h0=True, seed=7)
+    with torch.no_grad():
+        full, ht_full = call(fastattn.chunk_kda, x, kw)
+        pre = {n: (v[:, :33] if n in ("q", "k", "v", "g", "beta") else v) for n, v in x.items()}
+        o_pre, state = call(fastattn.chunk_kda, pre, kw)
+        outs = [o_pre]
+        for t in range(33, 40):
+            step = {n: (v[:, t:t + 1] if n in ("q", "k", "v", "g", "beta") else v) for n, v in x.items()}
+            step["initial_state"] = state
+            o_t, state = call(fastattn.fused_recurrent_kda, step, kw)
+            outs.append(o_t)
+    assert rel(torch.cat(outs, 1), full) < 1e-5
+    assert rel(state, ht_full) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------- GPU lane
+GPU_CASES = [  # (B, T, H, HV, K, V, gate, varlen)
+    (2, 4096, 16, 16, 128, 128, "none", None),
+    (1, 2048, 4, 8, 128, 128, "softplus", None),
+    (1, 3000, 4, 4, 100, 72, "lb", [0, 1300, 1847, 2900, 3000]),
+    (1, 1024, 2, 2, 256, 256, "softplus", None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-HV{c[3]}-K{c[4]}-V{c[5]}-{c[6]}")
+def test_chunk_gpu_matches_oracle(case, dtype):
+    B, T, H, HV, K, V, gate, cu = case
+    x, kw = make_case(B, T, H, HV, K, V, dtype, gate=gate, h0=True, cu=cu, device="cuda")
+    errs = check_against_oracle(fastattn.chunk_kda, x, kw, dtype, oracle="chunk")
+    print(f"\n{dtype} {case}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+@pytest.mark.gpu
+def test_chunk_gpu_long_sequence_forward():
+    """T = 65536, H = 16, K = V = 128, bf16: forward and final state against the float64 chunked oracle."""
+    x, kw = make_case(1, 65536, 16, 16, 128, 128, torch.bfloat16, gate="softplus", device="cuda")
+    with torch.no_grad():
+        o, ht = call(fastattn.chunk_kda, x, kw)
+        ro, rht = call(naive_chunk_kda, x, kw)
+    assert rel(o, ro) <= TOL[torch.bfloat16][0] and rel(ht, rht) <= TOL[torch.bfloat16][0]
+
+
+@pytest.mark.gpu
+def test_chunk_gpu_offsets_beyond_int32():
+    """Buffers with more than 2^31 elements (Gc is [T, HV, K] fp32): the tail sequence of a packed batch
+    must equal the same sequence run alone."""
+    HV, K = 64, 128
+    T_long, T_tail = (2 ** 31) // (HV * K) + 4096, 300
+    x, kw = make_case(1, T_long + T_tail, HV, HV, K, K, torch.bfloat16, l2=True, device="cuda",
+                      cu=[0, T_long, T_long + T_tail], out_ht=False)
+    with torch.no_grad():
+        o, _ = call(fastattn.chunk_kda, x, kw)
+        tail = {n: v[:, T_long:] for n, v in x.items()}
+        kw1 = dict(kw, cu_seqlens=None)
+        o1, _ = call(fastattn.chunk_kda, tail, kw1)
+    assert torch.equal(o[:, T_long:], o1)
+
+
+class _KDABlock(torch.nn.Module):
+    def __init__(self, HV, K):
+        super().__init__()
+        self.A_log = torch.nn.Parameter(torch.zeros(HV))
+        self.dt_bias = torch.nn.Parameter(torch.zeros(HV * K))
+
+    def forward(self, q, k, v, g, beta):
+        o, _ = fastattn.chunk_kda(q, k, v, g, beta, A_log=self.A_log, dt_bias=self.dt_bias,
+                                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                  use_beta_sigmoid_in_kernel=True)
+        return o * 2.0
+
+
+@pytest.mark.gpu
+@pytest.mark.no_poison
+def test_chunk_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    mod = _KDABlock(4, 64).cuda()
+    x, _ = make_case(2, 200, 2, 4, 64, 64, torch.bfloat16, gate="softplus", device="cuda", use_A=False,
+                     use_bias=False)
+    args = [x[n] for n in ("q", "k", "v", "g", "beta")]
+    compiled = torch.compile(mod, fullgraph=True)
+    out_c = compiled(*args)
+    grads_c = torch.autograd.grad(out_c.float().sum(), args + list(mod.parameters()))
+    out_e = mod(*args)
+    grads_e = torch.autograd.grad(out_e.float().sum(), args + list(mod.parameters()))
+    assert torch.equal(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        assert rel(a, b) < 1e-6
