@@ -146,17 +146,34 @@ def test_chunk_gpu_long_sequence_forward():
 @pytest.mark.gpu
 def test_chunk_gpu_offsets_beyond_int32():
     """Buffers with more than 2^31 elements (Gc is [T, HV, K] fp32): the tail sequence of a packed batch
-    must equal the same sequence run alone."""
+    must equal the same sequence run alone, forward and backward."""
     HV, K = 64, 128
     T_long, T_tail = (2 ** 31) // (HV * K) + 4096, 300
-    x, kw = make_case(1, T_long + T_tail, HV, HV, K, K, torch.bfloat16, l2=True, device="cuda",
-                      cu=[0, T_long, T_long + T_tail], out_ht=False)
-    with torch.no_grad():
-        o, _ = call(fastattn.chunk_kda, x, kw)
-        tail = {n: v[:, T_long:] for n, v in x.items()}
-        kw1 = dict(kw, cu_seqlens=None)
-        o1, _ = call(fastattn.chunk_kda, tail, kw1)
+    T = T_long + T_tail
+    dev = "cuda"
+    q, k, v = (torch.randn(1, T, HV, K, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, HV, K, device=dev))
+    beta = torch.rand(1, T, HV, device=dev, dtype=torch.bfloat16)
+    cu = torch.tensor([0, T_long, T], device=dev)
+    tail = [t[:, T_long:].clone().requires_grad_() for t in (q, k, v, g, beta)]
+    full = [t.requires_grad_() for t in (q, k, v, g, beta)]
+    o, _ = fastattn.chunk_kda(*full, use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+    o1, _ = fastattn.chunk_kda(*tail, use_qk_l2norm_in_kernel=True)
     assert torch.equal(o[:, T_long:], o1)
+    do = torch.randn_like(o1)
+    g_full = torch.autograd.grad(o[:, T_long:], full, do)
+    g_tail = torch.autograd.grad(o1, tail, do)
+    for a, b in zip(g_full, g_tail):
+        assert torch.equal(a[:, T_long:], b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["softplus", "lb"])
+def test_chunk_gpu_small_all_features(gate):
+    """Small ragged/varlen/GVA case with every option on: the shape the compute-sanitizer run uses."""
+    x, kw = make_case(1, 300, 2, 4, 72, 40, torch.bfloat16, gate=gate, h0=True, cu=[0, 17, 150, 300],
+                      device="cuda")
+    check_against_oracle(fastattn.chunk_kda, x, kw, torch.bfloat16, oracle="chunk")
 
 
 class _KDABlock(torch.nn.Module):
