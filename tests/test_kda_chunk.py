@@ -123,9 +123,12 @@ GPU_CASES = [  # (B, T, H, HV, K, V, gate, varlen)
 ]
 
 
+GPU_MATRIX = [(c, d) for c in GPU_CASES for d in (torch.bfloat16, torch.float16)] + [(GPU_CASES[1], torch.float32)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-HV{c[3]}-K{c[4]}-V{c[5]}-{c[6]}")
+@pytest.mark.parametrize("case,dtype", GPU_MATRIX,
+                         ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-HV{c[3]}-K{c[4]}-V{c[5]}-{c[6]}-{str(d)[6:]}" for c, d in GPU_MATRIX])
 def test_chunk_gpu_matches_oracle(case, dtype):
     B, T, H, HV, K, V, gate, cu = case
     x, kw = make_case(B, T, H, HV, K, V, dtype, gate=gate, h0=True, cu=cu, device="cuda")
