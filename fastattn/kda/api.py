@@ -25,18 +25,20 @@ def _prepare(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_
     check_shape("k", k, (B, T, H, K), "same as q")
     if v.shape[:2] != (B, T):
         raise ValueError(f"v must have shape [B={B}, T={T}, HV, V], got {tuple(v.shape)}")
+    if min(B, T, H, K, HV, V) < 1:
+        raise ValueError(f"empty inputs are not supported, got q shape {tuple(q.shape)}, v shape {tuple(v.shape)}")
     if HV % H != 0:
         raise ValueError(f"v's head count HV must be a multiple of q's H={H}, got HV={HV}")
     check_shape("g", g, (B, T, HV, K), "[B, T, HV, K]")
     check_shape("beta", beta, (B, T, HV), "[B, T, HV]")
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got K={K}, V={V}")
-    if K < 1 or V < 1 or T < 1:
-        raise ValueError(f"empty inputs are not supported, got T={T}, K={K}, V={V}")
+    if K > MAX_HEAD_DIM:
+        raise ValueError(f"q/k head dim K must be <= {MAX_HEAD_DIM}, got K={K}")
+    if V > MAX_HEAD_DIM:
+        raise ValueError(f"v head dim V must be <= {MAX_HEAD_DIM}, got V={V}")
     if q.dtype != k.dtype:
         raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
     if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     if scale is None:
         scale = K ** -0.5
     if not isinstance(scale, (int, float)):
@@ -105,7 +107,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         dt_bias: ``[HV * K]`` fp32 gate bias (optional).
         lower_bound: float in ``[-5, 0)`` selecting the bounded sigmoid gate.
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences (B must be 1).
-        chunk_size: 64 (default), 32 or 16.
+        chunk_size: 64 (default), 32 or 16; heads with K > 128 use at most 32 (on-chip memory budget).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state ``[N, HV, K, V]`` fp32 or None.
