@@ -26,6 +26,7 @@ CASES = [
     (1, 63, 1, 1, 48, 16, 64, "none", True, True, True, None),
     (1, 99, 1, 2, 16, 48, 32, "softplus", False, True, False, [0, 5, 40, 57, 99]),
     (1, 2, 2, 4, 16, 24, 64, "lb", True, True, True, None),
+    (1, 40, 1, 1, 144, 16, 64, "softplus", True, True, True, None),  # K > 128: 32-row chunks inside
 ]
 
 

@@ -11,6 +11,14 @@ from .chunk_intra import kda_intra_fwd_kernel
 from .options import KDAOptions
 
 SUB_CHUNK = 16
+# Above this head dim the chunk-local backward's [chunk, K] fp32 tiles overflow Hopper's shared memory at
+# 64-row chunks (290 KB > 227 KB at K = 256, ptxas sm_90a): such heads run with 32-row chunks.
+WIDE_HEAD = 128
+
+
+def effective_chunk(chunk_size: int, K: int) -> int:
+    """Chunk length the kernels use: the requested one, capped at 32 for K > 128."""
+    return min(chunk_size, 32) if K > WIDE_HEAD else chunk_size
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int, device):
@@ -49,7 +57,7 @@ def _gate_flags(A_log, dt_bias, opts: KDAOptions):
 def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOptions):
     """Forward: returns (o, final_state or None, saved) with saved = (Gc, Aqk, Tinv, rstd, h)."""
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
-    BT = opts.chunk_size
+    BT = effective_chunk(opts.chunk_size, K)
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
     N = cu.numel() - 1
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -77,7 +85,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     """Backward: returns (dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0); entries are None where the
     matching input is None."""
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
-    BT = opts.chunk_size
+    BT = effective_chunk(opts.chunk_size, K)
     Gc, Aqk, Tinv, rstd, h = saved
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
     N = cu.numel() - 1

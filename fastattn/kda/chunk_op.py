@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import torch
 
-from .chunk_launch import chunk_kda_fwd, chunk_kda_bwd
+from .chunk_launch import chunk_kda_bwd, chunk_kda_fwd, effective_chunk
 from .options import KDAOptions
 
 
@@ -36,6 +36,7 @@ def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, use_qk
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    chunk_size = effective_chunk(chunk_size, K)
     ctx = torch.library.get_ctx()
     NT = ctx.new_dynamic_size() if cu_seqlens is not None else B * ((T + chunk_size - 1) // chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
