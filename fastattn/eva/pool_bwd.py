@@ -1,0 +1,81 @@
+"""FlashEVA landmark pooling, backward (accumulates into dk, dv in place).
+
+With alpha = softmax(mu.k), beta = softmax(s (phi.k - |k|^2/2)) per chunk and a_m = alpha_m (k_m.dkl - kl.dkl),
+b_m = beta_m (v_m.dvl - vl.dvl): dk_m += alpha_m dkl + a_m mu + s b_m (phi - k_m), dv_m += beta_m dvl,
+dmu += sum a_m k_m, dphi += s sum b_m k_m. kl.dkl and vl.dvl are re-summed from the tokens in fp32.
+Grid (chunk groups of NCB, Hkv, B); reads k, v, mu, phi, lm_lse, dk_lm, dv_lm and dk, dv; writes dk, dv
+(read-modify-write of complete chunks only) and per-program partial dmu, dphi [B, NZ, Hkv, D] fp32.
+"""
+import triton
+import triton.language as tl
+
+from ._common import K_LOG2E, seq_layout
+from .pool_fwd import load_chunk_tile, pool_logits
+
+
+@triton.jit(do_not_specialize=["T", "N_LM", "C"])
+def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, dphi_part,
+                        cu_seqlens, lm_offsets, blk_seq, blk_idx, scale, v_scale2, T, N_LM, C,
+                        HKV: tl.constexpr, D: tl.constexpr, NCB: tl.constexpr, BS: tl.constexpr,
+                        BD: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_z, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_blk, bos, seq_len, lm_bos = seq_layout(cu_seqlens, lm_offsets, blk_seq, blk_idx, i_b, i_z, T, N_LM,
+                                                  IS_VARLEN)
+    if i_n < 0:
+        return
+    o_c = i_blk * NCB + tl.arange(0, NCB)
+    m_c = o_c < seq_len // C
+    o_s = tl.arange(0, BS)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_mu = tl.load(mu + i_hk * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_phi = tl.load(phi + i_hk * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_mu2 = b_mu * K_LOG2E
+    o_row = (lm_bos + o_c) * HKV + i_hk
+    m_out = m_c[:, None] & m_d[None, :]
+    b_dkl = tl.load(dk_lm + o_row[:, None] * D + o_d[None, :], mask=m_out, other=0.).to(tl.float32)
+    b_dvl = tl.load(dv_lm + o_row[:, None] * D + o_d[None, :], mask=m_out, other=0.).to(tl.float32)
+    lse_k = tl.load(lm_lse + o_row * 2, mask=m_c, other=0.)
+    lse_v = tl.load(lm_lse + o_row * 2 + 1, mask=m_c, other=0.)
+
+    # pass 1: kl.dkl and vl.dvl per chunk, from the tokens
+    kd = tl.zeros([NCB], dtype=tl.float32)
+    vd = tl.zeros([NCB], dtype=tl.float32)
+    for i in range(0, C, BS):
+        s = i + o_s
+        m = m_c[:, None] & (s < C)[None, :]
+        b_k = load_chunk_tile(k, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
+        b_v = load_chunk_tile(v, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
+        z_k, z_v = pool_logits(b_k, b_mu2, b_phi, m, v_scale2)
+        kd += tl.sum(tl.exp2(z_k - lse_k[:, None]) * tl.sum(b_k * b_dkl[:, None, :], 2), 1)
+        vd += tl.sum(tl.exp2(z_v - lse_v[:, None]) * tl.sum(b_v * b_dvl[:, None, :], 2), 1)
+
+    # pass 2: token gradients
+    b_dmu = tl.zeros([BD], dtype=tl.float32)
+    b_dphi = tl.zeros([BD], dtype=tl.float32)
+    for i in range(0, C, BS):
+        s = i + o_s
+        m = m_c[:, None] & (s < C)[None, :]
+        b_k = load_chunk_tile(k, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
+        b_v = load_chunk_tile(v, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
+        z_k, z_v = pool_logits(b_k, b_mu2, b_phi, m, v_scale2)
+        alpha = tl.exp2(z_k - lse_k[:, None])
+        beta = tl.exp2(z_v - lse_v[:, None])
+        a = alpha * (tl.sum(b_k * b_dkl[:, None, :], 2) - kd[:, None])
+        b = beta * (tl.sum(b_v * b_dvl[:, None, :], 2) - vd[:, None])
+        g_k = (alpha[:, :, None] * b_dkl[:, None, :] + a[:, :, None] * b_mu[None, None, :]
+               + (scale * b)[:, :, None] * (b_phi[None, None, :] - b_k))
+        g_v = beta[:, :, None] * b_dvl[:, None, :]
+        tok = bos + o_c[:, None] * C + s[None, :]
+        o_x = ((tok * HKV + i_hk) * D)[:, :, None] + o_d[None, None, :]
+        m_x = m[:, :, None] & m_d[None, None, :]
+        tl.store(dk + o_x, (tl.load(dk + o_x, mask=m_x, other=0.).to(tl.float32) + g_k).to(dk.dtype.element_ty),
+                 mask=m_x)
+        tl.store(dv + o_x, (tl.load(dv + o_x, mask=m_x, other=0.).to(tl.float32) + g_v).to(dv.dtype.element_ty),
+                 mask=m_x)
+        b_dmu += tl.sum(tl.sum(a[:, :, None] * b_k, 1), 0)
+        b_dphi += tl.sum(tl.sum(b[:, :, None] * b_k, 1), 0)
+
+    o_p = ((i_b * tl.num_programs(0) + i_z).to(tl.int64) * HKV + i_hk) * D + o_d
+    tl.store(dmu_part + o_p, b_dmu, mask=m_d)
+    tl.store(dphi_part + o_p, b_dphi * scale, mask=m_d)
