@@ -1,0 +1,134 @@
+"""KDA mixer: the Hybrid-KDA layer (DESIGN.md section 5) on top of fastattn.chunk_kda / fused_recurrent_kda.
+
+x -> q/k/v projections of the teacher's shapes -> one depthwise causal conv over [q; k; v] (identity
+at init) -> k, v repeated to the q heads (GQA) -> KDA recurrence with q/k L2 norm, the low-rank
+per-channel gate ``-exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` and ``beta = sigmoid(b_proj(x))``
+computed in the kernel -> per-head RMSNorm gated by ``sigmoid(g_b(g_a(x)))`` -> o_proj. No positions.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kda import chunk_kda, fused_recurrent_kda
+from .attention import StepInfo
+from .cache import KDACache
+from .config import HybridConfig
+from .layers import RMSNorm
+
+RECURRENT_MAX_T = 15     # calls with fewer new tokens than the smallest chunk run token by token
+FUSED_QKV_MIN_TOKENS = 1024   # from this many tokens per call, q/k/v run as one matmul of concatenated weights
+PAD_LOGIT = -1e4         # beta and gate inputs at padded tokens: beta = 0, decay = 1, state untouched
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                tail: Optional[torch.Tensor], keep_tail: bool):
+    """Depthwise causal conv of ``x [B, T, C]`` with ``weight [C, 1, W]``, continuing from ``tail [B, C, W-1]``
+    (None: zeros, a fresh sequence).
+
+    Returns ``(y [B, T, C], new_tail)``; new_tail (the last W-1 inputs) is None unless ``keep_tail``.
+    """
+    B, T, C = x.shape
+    W = weight.shape[-1]
+    xt = x.transpose(1, 2)
+    if tail is None:
+        y = F.conv1d(xt, weight, bias, padding=W - 1, groups=C)[..., :T]
+        new_tail = None
+        if keep_tail:
+            new_tail = xt[:, :, max(T - (W - 1), 0):]
+            if T < W - 1:
+                new_tail = F.pad(new_tail, (W - 1 - T, 0))
+            new_tail = new_tail.contiguous()
+        return y.transpose(1, 2), new_tail
+    full = torch.cat([tail.to(xt.dtype), xt], dim=2)
+    y = F.conv1d(full, weight, bias, groups=C)
+    new_tail = full[:, :, full.shape[2] - (W - 1):].contiguous() if keep_tail else None
+    return y.transpose(1, 2), new_tail
+
+
+class KDAMixer(nn.Module):
+    """Kimi Delta Attention layer with teacher-shaped q/k/v/o (copyable from a Qwen3 attention layer).
+
+    State: ``H`` heads (the q heads) of ``D x D``; k and v heads are repeated to H. Parameters beyond the
+    teacher's: ``conv_weight/conv_bias`` (identity init), ``f_a, f_b`` (gate, rank r), ``A_log [H]``,
+    ``dt_bias [H*D]``, ``b_proj`` (beta logits), ``g_a, g_b`` (output gate, g_b zero so the gate starts at
+    0.5) and ``o_norm`` (per-head RMSNorm).
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.num_heads = H = config.num_attention_heads
+        self.num_kv_heads = Hkv = config.num_key_value_heads
+        self.head_dim = D = config.head_dim
+        hid, r, bias = config.hidden_size, config.gate_rank, config.attention_bias
+        self.q_proj = nn.Linear(hid, H * D, bias=bias)
+        self.k_proj = nn.Linear(hid, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(hid, Hkv * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, hid, bias=bias)
+        channels = (H + 2 * Hkv) * D
+        self.conv_weight = nn.Parameter(torch.zeros(channels, 1, config.kda_conv_size))
+        self.conv_bias = nn.Parameter(torch.zeros(channels))
+        self.f_a = nn.Linear(hid, r, bias=False)
+        self.f_b = nn.Linear(r, H * D, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H * D))
+        self.b_proj = nn.Linear(hid, H, bias=False)
+        self.g_a = nn.Linear(hid, r, bias=False)
+        self.g_b = nn.Linear(r, H * D, bias=True)
+        self.o_norm = RMSNorm(D, config.rms_norm_eps)
+        self.reset_kda_parameters()
+
+    @torch.no_grad()
+    def reset_kda_parameters(self) -> None:
+        """Identity conv, A = U(1, 16), dt = logU(1e-3, 1e-1) (dt_bias = softplus^-1(dt)), zero output gate."""
+        self.conv_weight.zero_()
+        self.conv_weight[:, 0, -1] = 1.0
+        self.conv_bias.zero_()
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.g_b.weight.zero_()
+        self.g_b.bias.zero_()
+
+    def forward(self, x: torch.Tensor, info: StepInfo, cache: Optional[KDACache] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if B * T >= FUSED_QKV_MIN_TOKENS:   # one matmul, no concatenation of three large outputs
+            qkv = F.linear(x, torch.cat([p.weight for p in projs]),
+                           torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None)
+        else:                               # decoding: concatenate the small outputs, not the weights
+            qkv = torch.cat([p(x) for p in projs], dim=-1)
+        valid = info.new_valid
+        if valid is not None:
+            qkv = qkv * valid[..., None].to(qkv.dtype)   # pads read as the zeros of a fresh conv tail
+        qkv, tail = causal_conv(qkv, self.conv_weight.to(qkv.dtype), self.conv_bias.to(qkv.dtype),
+                                cache.conv if cache is not None else None, keep_tail=cache is not None)
+        if self.config.kda_conv_activation == "silu":
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.reshape(B, T, H, D)
+        k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        v = v.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        g = self.f_b(self.f_a(x)).view(B, T, H, D)
+        beta = self.b_proj(x)
+        if valid is not None:
+            g = g.masked_fill(~valid[..., None, None], PAD_LOGIT)
+            beta = beta.masked_fill(~valid[..., None], PAD_LOGIT)
+        kernel_kwargs = dict(
+            initial_state=cache.state if cache is not None else None, output_final_state=cache is not None,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+            A_log=self.A_log, dt_bias=self.dt_bias, lower_bound=self.config.kda_lower_bound)
+        if T <= RECURRENT_MAX_T:
+            o, state = fused_recurrent_kda(q, k, v, g, beta, **kernel_kwargs)
+        else:
+            o, state = chunk_kda(q, k, v, g, beta, chunk_size=self.config.kda_chunk_size, **kernel_kwargs)
+        if cache is not None:
+            cache.state, cache.conv = state, tail
+        gate = torch.sigmoid(self.g_b(self.g_a(x))).view(B, T, H, D)
+        o = self.o_norm(o) * gate
+        return self.o_proj(o.reshape(B, T, H * D))
