@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 import fastattn
 from reference.eva import eva_landmarks_ref, flash_eva_ref
+from test_eva_utils import assert_prefix_unchanged, rel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -21,12 +22,6 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 1e-2)}  # (outputs, gr
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("FASTATTN_BACKEND", "triton")
-
-
-def rel(x, ref):
-    x, ref = x.double(), ref.double()
-    assert not torch.isnan(x).any(), "NaN in result"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(B, T, H, HKV, D, dtype, params=True, seed=0):
@@ -101,14 +96,8 @@ def test_kernels_property(lens, W_chunks, C, D, heads, local, params):
 def test_kernels_causal_exact(local):
     """Outputs before position p are bit-identical when every token from p on changes."""
     q, k, v, mu, phi = make_inputs(1, 96, 2, 1, 16, torch.float32)
-    with torch.no_grad():
-        o1 = fastattn.flash_eva(q, k, v, window_size=16, chunk_size=4, mu=mu, phi=phi, local=local)
-        p = 45
-        q2, k2, v2 = q.clone(), k.clone(), v.clone()
-        for x in (q2, k2, v2):
-            x[:, p:] = torch.randn_like(x[:, p:]) * 3
-        o2 = fastattn.flash_eva(q2, k2, v2, window_size=16, chunk_size=4, mu=mu, phi=phi, local=local)
-    assert torch.equal(o1[:, :p], o2[:, :p])
+    assert_prefix_unchanged(fastattn.flash_eva, q, k, v, 45, window_size=16, chunk_size=4, mu=mu, phi=phi,
+                            local=local)
 
 
 def test_kernels_plain_causal_when_window_covers():

@@ -9,7 +9,7 @@ head groups when GP < H / Hkv), masking only edge blocks. Reads q, k, v, do, lse
 import triton
 import triton.language as tl
 
-from ._common import K_LOG2E, last_query_of_key, load_rows, seq_layout
+from ._common import K_LOG2E, last_query_of_key, load_row_pair, load_rows, local_bounds, seq_layout, store_rows, visible
 
 
 @triton.jit
@@ -26,30 +26,51 @@ def dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_
     m_r = o_t < seq_len
     if not MASKED:
         m_r = o_r >= 0
-    o_qd = ((bos + o_t) * H + o_h)[:, None] * D + o_d[None, :]
-    m_qd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_qd, mask=m_qd, other=0.)
-    b_do = tl.load(do + o_qd, mask=m_qd, other=0.)
+    b_q, b_do = load_row_pair(q, do, bos + o_t, o_h, m_r, o_d, m_d, H, D)
     o_row = (i_b * H + o_h).to(tl.int64) * T + lse_tok0 + o_t
     b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * K_LOG2E
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
     b_pt = tl.exp2(b_st - b_lse2[None, :])
     if MASKED:
-        if SLIDING:
-            lo_r = (tl.maximum(o_t - W + 1, 0) // C) * C
-        else:
-            lo_r = (o_t // W) * W
-        if LANDMARK:
-            m_vis = o_j[:, None] < (lo_r // C)[None, :]
-        else:
-            m_vis = (o_j[:, None] <= o_t[None, :]) & (o_j[:, None] >= lo_r[None, :])
+        lo_r, nr_r = local_bounds(o_t, W, C, SLIDING)
+        m_vis = visible(o_j[:, None], o_t[None, :], lo_r[None, :], nr_r[None, :], LANDMARK)
         b_pt = tl.where(m_vis & m_r[None, :], b_pt, 0.)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     return b_dk, b_dv
+
+
+@triton.jit
+def dkv_sweep(k, v, dk, dv, q, do, lse, delta, base, o_j, m_j, i_hk, bos, i_b, T, seq_len, W, C, qk_scale, scale,
+              t_start, f1, f2, t_end, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+              BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SLIDING: tl.constexpr, LANDMARK: tl.constexpr,
+              PREC: tl.constexpr):
+    """Rows base + o_j of k, v (head i_hk): sum the query blocks [t_start, t_end) of every query head of kv
+    head i_hk (blocks in [f1, f2) unmasked) and store dk (times scale) and dv into the same rows."""
+    G: tl.constexpr = H // HKV
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_k = load_rows(k, base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
+    b_v = load_rows(v, base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    lse_tok0 = bos - i_b.to(tl.int64) * T
+    for i_g in range(0, G // GP):
+        h0 = i_hk * G + i_g * GP
+        for t0 in range((t_start // BT) * BT, tl.minimum(f1, t_end), BT):
+            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
+                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, LANDMARK, True, PREC)
+        for t0 in range(f1, f2, BT):
+            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
+                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, LANDMARK, False, PREC)
+        for t0 in range(tl.maximum(f1, f2), t_end, BT):
+            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
+                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, LANDMARK, True, PREC)
+    store_rows(dk, b_dk * scale, base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
+    store_rows(dv, b_dv, base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
 
 
 @triton.jit(do_not_specialize=["T", "N_LM", "W", "C"])
@@ -63,36 +84,11 @@ def eva_attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, lm_offs
                                                   IS_VARLEN)
     if i_n < 0:
         return
-    G: tl.constexpr = H // HKV
     j0 = i_blk * BN
     o_j = j0 + tl.arange(0, BN)
-    m_j = o_j < seq_len
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_k = load_rows(k, bos + o_j, i_hk, m_j, o_d, m_d, HKV, D)
-    b_v = load_rows(v, bos + o_j, i_hk, m_j, o_d, m_d, HKV, D)
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-
     j_last = tl.minimum(j0 + BN - 1, seq_len - 1)
     end = tl.minimum(last_query_of_key(j_last, W, C, SLIDING), seq_len - 1) + 1
     f1 = ((j_last + BT - 1) // BT) * BT  # query blocks from f1 on lie on or after every key
     f2 = ((tl.minimum(last_query_of_key(j0, W, C, SLIDING), seq_len - 1) + 1) // BT) * BT
-    lse_tok0 = bos - i_b.to(tl.int64) * T
-    for i_g in range(0, G // GP):
-        h0 = i_hk * G + i_g * GP
-        for t0 in range((j0 // BT) * BT, tl.minimum(f1, end), BT):
-            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
-                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, False, True, PREC)
-        for t0 in range(f1, f2, BT):
-            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
-                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, False, False, PREC)
-        for t0 in range(tl.maximum(f1, f2), end, BT):
-            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
-                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, False, True, PREC)
-
-    p_dk = dk + ((bos + o_j) * HKV + i_hk)[:, None] * D + o_d[None, :]
-    p_dv = dv + ((bos + o_j) * HKV + i_hk)[:, None] * D + o_d[None, :]
-    m = m_j[:, None] & m_d[None, :]
-    tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m)
-    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m)
+    dkv_sweep(k, v, dk, dv, q, do, lse, delta, bos, o_j, o_j < seq_len, i_hk, bos, i_b, T, seq_len, W, C,
+              qk_scale, scale, j0, f1, f2, end, H, HKV, D, GP, BT, BN, BD, SLIDING, False, PREC)

@@ -9,8 +9,8 @@ writes dk_lm, dv_lm [B, N_LM, Hkv, D] fp32 (consumed by the pooling backward).
 import triton
 import triton.language as tl
 
-from ._common import first_query_of_landmark, load_rows, seq_layout
-from .attn_bwd_dkv import dkv_block
+from ._common import first_query_of_landmark, seq_layout
+from .attn_bwd_dkv import dkv_sweep
 
 
 @triton.jit(do_not_specialize=["T", "N_LM", "W", "C"])
@@ -24,37 +24,12 @@ def eva_attn_bwd_lm_kernel(q, k_lm, v_lm, do, lse, delta, dk_lm, dv_lm, cu_seqle
                                                   IS_VARLEN)
     if i_n < 0:
         return
-    G: tl.constexpr = H // HKV
     n_lm = seq_len // C
     c0 = i_blk * BN
     o_c = c0 + tl.arange(0, BN)
-    m_c = o_c < n_lm
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_k = load_rows(k_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D)
-    b_v = load_rows(v_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D)
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-
     c_last = tl.minimum(c0 + BN, n_lm) - 1
     start = first_query_of_landmark(c0, W, C, SLIDING)
     f1 = ((first_query_of_landmark(c_last, W, C, SLIDING) + BT - 1) // BT) * BT  # every row sees every landmark
     f2 = (seq_len // BT) * BT
-    lse_tok0 = bos - i_b.to(tl.int64) * T
-    for i_g in range(0, G // GP):
-        h0 = i_hk * G + i_g * GP
-        for t0 in range((start // BT) * BT, tl.minimum(f1, seq_len), BT):
-            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_c,
-                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, True, True, PREC)
-        for t0 in range(f1, f2, BT):
-            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_c,
-                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, True, False, PREC)
-        for t0 in range(tl.maximum(f1, f2), seq_len, BT):
-            b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_c,
-                                   seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, True, True, PREC)
-
-    p_dk = dk_lm + ((lm_bos + o_c) * HKV + i_hk)[:, None] * D + o_d[None, :]
-    p_dv = dv_lm + ((lm_bos + o_c) * HKV + i_hk)[:, None] * D + o_d[None, :]
-    m = m_c[:, None] & m_d[None, :]
-    tl.store(p_dk, b_dk * scale, mask=m)
-    tl.store(p_dv, b_dv, mask=m)
+    dkv_sweep(k_lm, v_lm, dk_lm, dv_lm, q, do, lse, delta, lm_bos, o_c, o_c < n_lm, i_hk, bos, i_b, T, seq_len, W, C,
+              qk_scale, scale, start, f1, f2, seq_len, H, HKV, D, GP, BT, BN, BD, SLIDING, True, PREC)

@@ -8,7 +8,7 @@ only the edge blocks (from indices). Reads q, k, v, k_lm, v_lm; writes o and lse
 import triton
 import triton.language as tl
 
-from ._common import K_LN2, attend_block, load_rows, local_bounds, seq_layout
+from ._common import K_LN2, key_block, key_spans, load_rows, query_rows, seq_layout, softmax_step, store_rows
 
 
 @triton.jit(do_not_specialize=["T", "N_LM", "W", "C"])
@@ -26,58 +26,37 @@ def eva_attn_fwd_kernel(q, k, v, k_lm, v_lm, o, lse, cu_seqlens, lm_offsets, blk
     if i_n < 0:
         return
     i_hk = (i_hg * GP) // (H // HKV)
-
-    o_r = tl.arange(0, BM)
-    o_t = i_m * BT + o_r // GP
-    o_h = i_hg * GP + o_r % GP
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_n = tl.arange(0, BN)
-    m_r = o_t < seq_len
-    t_row = tl.minimum(o_t, seq_len - 1)
-    lo_r, nr_r = local_bounds(t_row, W, C, SLIDING)
-    t_first = i_m * BT
-    t_last = tl.minimum(t_first + BT - 1, seq_len - 1)
-    lo_min, nr_min = local_bounds(t_first, W, C, SLIDING)
-    lo_max, nr_max = local_bounds(t_last, W, C, SLIDING)
+    o_t, o_h, m_r, t_row, lo_r, nr_r = query_rows(i_m, i_hg, seq_len, W, C, BT, GP, SLIDING)
+    n_full, nr_max, j_lo, e1, e2, end = key_spans(i_m, seq_len, W, C, BT, BN, SLIDING)
 
     b_q = load_rows(q, bos + o_t, o_h, m_r, o_d, m_d, H, D)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
-    m_all = o_n >= 0
 
-    # remote landmarks [0, nr_max): full blocks below nr_min need no mask
-    n_full = (nr_min // BN) * BN
+    # remote landmarks [0, nr_max): full blocks below n_full need no mask
     for c0 in range(0, n_full, BN):
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, b_q, k_lm, v_lm, lm_bos + c0 + o_n, m_all, i_hk, o_d, m_d,
-                                     qk_scale, 0, HKV, D, False, PREC)
+        b_k, b_v, m_vis = key_block(k_lm, v_lm, lm_bos, c0, nr_max, i_hk, o_d, m_d, t_row, lo_r, nr_r,
+                                    HKV, D, BN, True, False)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, b_q, b_k, b_v, qk_scale, m_vis, False, PREC)
     for c0 in range(n_full, nr_max, BN):
-        c = c0 + o_n
-        m_vis = c[None, :] < nr_r[:, None]
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, b_q, k_lm, v_lm, lm_bos + c, c < nr_max, i_hk, o_d, m_d,
-                                     qk_scale, m_vis, HKV, D, True, PREC)
+        b_k, b_v, m_vis = key_block(k_lm, v_lm, lm_bos, c0, nr_max, i_hk, o_d, m_d, t_row, lo_r, nr_r,
+                                    HKV, D, BN, True, True)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, b_q, b_k, b_v, qk_scale, m_vis, True, PREC)
 
-    # local keys [lo_min, t_last]: blocks in [e1, e2) are visible to every row
-    end = t_last + 1
-    e1 = ((lo_max + BN - 1) // BN) * BN
-    e2 = ((t_first + 1) // BN) * BN
-    for j0 in range((lo_min // BN) * BN, tl.minimum(e1, end), BN):
-        j = j0 + o_n
-        m_vis = (j[None, :] >= lo_r[:, None]) & (j[None, :] <= t_row[:, None])
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, b_q, k, v, bos + j, j < end, i_hk, o_d, m_d,
-                                     qk_scale, m_vis, HKV, D, True, PREC)
+    # local keys [j_lo, end): blocks in [e1, e2) are visible to every row
+    for j0 in range(j_lo, tl.minimum(e1, end), BN):
+        b_k, b_v, m_vis = key_block(k, v, bos, j0, end, i_hk, o_d, m_d, t_row, lo_r, nr_r, HKV, D, BN, False, True)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, b_q, b_k, b_v, qk_scale, m_vis, True, PREC)
     for j0 in range(e1, e2, BN):
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, b_q, k, v, bos + j0 + o_n, m_all, i_hk, o_d, m_d,
-                                     qk_scale, 0, HKV, D, False, PREC)
+        b_k, b_v, m_vis = key_block(k, v, bos, j0, end, i_hk, o_d, m_d, t_row, lo_r, nr_r, HKV, D, BN, False, False)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, b_q, b_k, b_v, qk_scale, m_vis, False, PREC)
     for j0 in range(tl.maximum(e1, e2), end, BN):
-        j = j0 + o_n
-        m_vis = (j[None, :] >= lo_r[:, None]) & (j[None, :] <= t_row[:, None])
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, b_q, k, v, bos + j, j < end, i_hk, o_d, m_d,
-                                     qk_scale, m_vis, HKV, D, True, PREC)
+        b_k, b_v, m_vis = key_block(k, v, bos, j0, end, i_hk, o_d, m_d, t_row, lo_r, nr_r, HKV, D, BN, False, True)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, b_q, b_k, b_v, qk_scale, m_vis, True, PREC)
 
-    b_o = acc / l_i[:, None]
-    p_o = o + ((bos + o_t) * H + o_h)[:, None] * D + o_d[None, :]
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+    store_rows(o, acc / l_i[:, None], bos + o_t, o_h, m_r, o_d, m_d, H, D)
     b_lse = (m_i + tl.log2(l_i)) * K_LN2
     tl.store(lse + (i_b * H + o_h).to(tl.int64) * T + (bos - i_b.to(tl.int64) * T) + o_t, b_lse, mask=m_r)

@@ -9,8 +9,16 @@ Grid (chunk groups of NCB, Hkv, B); reads k, v, mu, phi, lm_lse, dk_lm, dv_lm an
 import triton
 import triton.language as tl
 
-from ._common import K_LOG2E, seq_layout
-from .pool_fwd import load_chunk_tile, pool_logits
+from ._common import K_LOG2E, load_rows, seq_layout
+from .pool_fwd import chunk_group, pool_tile
+
+
+@triton.jit
+def add_tile(x, tok, g, m, i_hk, o_d, m_d, HKV: tl.constexpr, D: tl.constexpr):
+    """x[tok, i_hk] += g for a [NCB, BS, BD] tile of tokens (read-modify-write where m)."""
+    o_x = ((tok * HKV + i_hk) * D)[:, :, None] + o_d[None, None, :]
+    m_x = m[:, :, None] & m_d[None, None, :]
+    tl.store(x + o_x, (tl.load(x + o_x, mask=m_x, other=0.).to(tl.float32) + g).to(x.dtype.element_ty), mask=m_x)
 
 
 @triton.jit(do_not_specialize=["T", "N_LM", "C"])
@@ -23,18 +31,11 @@ def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, d
                                                   IS_VARLEN)
     if i_n < 0:
         return
-    o_c = i_blk * NCB + tl.arange(0, NCB)
-    m_c = o_c < seq_len // C
-    o_s = tl.arange(0, BS)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_mu = tl.load(mu + i_hk * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_phi = tl.load(phi + i_hk * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    o_c, m_c, o_s, o_d, m_d, b_mu, b_phi = chunk_group(i_blk, i_hk, seq_len, mu, phi, C, D, NCB, BS, BD)
     b_mu2 = b_mu * K_LOG2E
+    b_dkl = load_rows(dk_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
+    b_dvl = load_rows(dv_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
     o_row = (lm_bos + o_c) * HKV + i_hk
-    m_out = m_c[:, None] & m_d[None, :]
-    b_dkl = tl.load(dk_lm + o_row[:, None] * D + o_d[None, :], mask=m_out, other=0.).to(tl.float32)
-    b_dvl = tl.load(dv_lm + o_row[:, None] * D + o_d[None, :], mask=m_out, other=0.).to(tl.float32)
     lse_k = tl.load(lm_lse + o_row * 2, mask=m_c, other=0.)
     lse_v = tl.load(lm_lse + o_row * 2 + 1, mask=m_c, other=0.)
 
@@ -42,11 +43,8 @@ def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, d
     kd = tl.zeros([NCB], dtype=tl.float32)
     vd = tl.zeros([NCB], dtype=tl.float32)
     for i in range(0, C, BS):
-        s = i + o_s
-        m = m_c[:, None] & (s < C)[None, :]
-        b_k = load_chunk_tile(k, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
-        b_v = load_chunk_tile(v, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
-        z_k, z_v = pool_logits(b_k, b_mu2, b_phi, m, v_scale2)
+        m, b_k, b_v, z_k, z_v = pool_tile(k, v, bos, o_c, m_c, i + o_s, i_hk, o_d, m_d, b_mu2, b_phi, v_scale2,
+                                          C, HKV, D)
         kd += tl.sum(tl.exp2(z_k - lse_k[:, None]) * tl.sum(b_k * b_dkl[:, None, :], 2), 1)
         vd += tl.sum(tl.exp2(z_v - lse_v[:, None]) * tl.sum(b_v * b_dvl[:, None, :], 2), 1)
 
@@ -55,24 +53,16 @@ def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, d
     b_dphi = tl.zeros([BD], dtype=tl.float32)
     for i in range(0, C, BS):
         s = i + o_s
-        m = m_c[:, None] & (s < C)[None, :]
-        b_k = load_chunk_tile(k, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
-        b_v = load_chunk_tile(v, bos, o_c, s, m, i_hk, o_d, m_d, C, HKV, D)
-        z_k, z_v = pool_logits(b_k, b_mu2, b_phi, m, v_scale2)
+        m, b_k, b_v, z_k, z_v = pool_tile(k, v, bos, o_c, m_c, s, i_hk, o_d, m_d, b_mu2, b_phi, v_scale2, C, HKV, D)
         alpha = tl.exp2(z_k - lse_k[:, None])
         beta = tl.exp2(z_v - lse_v[:, None])
         a = alpha * (tl.sum(b_k * b_dkl[:, None, :], 2) - kd[:, None])
         b = beta * (tl.sum(b_v * b_dvl[:, None, :], 2) - vd[:, None])
         g_k = (alpha[:, :, None] * b_dkl[:, None, :] + a[:, :, None] * b_mu[None, None, :]
                + (scale * b)[:, :, None] * (b_phi[None, None, :] - b_k))
-        g_v = beta[:, :, None] * b_dvl[:, None, :]
         tok = bos + o_c[:, None] * C + s[None, :]
-        o_x = ((tok * HKV + i_hk) * D)[:, :, None] + o_d[None, None, :]
-        m_x = m[:, :, None] & m_d[None, None, :]
-        tl.store(dk + o_x, (tl.load(dk + o_x, mask=m_x, other=0.).to(tl.float32) + g_k).to(dk.dtype.element_ty),
-                 mask=m_x)
-        tl.store(dv + o_x, (tl.load(dv + o_x, mask=m_x, other=0.).to(tl.float32) + g_v).to(dv.dtype.element_ty),
-                 mask=m_x)
+        add_tile(dk, tok, g_k, m, i_hk, o_d, m_d, HKV, D)
+        add_tile(dv, tok, beta[:, :, None] * b_dvl[:, None, :], m, i_hk, o_d, m_d, HKV, D)
         b_dmu += tl.sum(tl.sum(a[:, :, None] * b_k, 1), 0)
         b_dphi += tl.sum(tl.sum(b[:, :, None] * b_k, 1), 0)
 
