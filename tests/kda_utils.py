@@ -18,20 +18,25 @@ GATE_FACTOR = 2.0
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state")
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref||_rms / ||ref||_rms (absolute rms when ref is all zero). Non-finite x fails."""
+def rel(x: torch.Tensor, ref: torch.Tensor, den=None) -> float:
+    """||x - ref||_rms / ||ref||_rms, or / den when given (absolute rms when the denominator is 0).
+    Non-finite x fails."""
     assert torch.isfinite(x).all(), "non-finite values"
     err = (x.double() - ref.double()).pow(2).mean().sqrt().item()
-    den = ref.double().pow(2).mean().sqrt().item()
+    den = ref.double().pow(2).mean().sqrt().item() if den is None else den
     return err / den if den > 0 else err
 
 
 def make_case(B, T, H, HV, K, V, dtype, *, gate="none", l2=True, sig=True, h0=False, cu=None, out_ht=True,
-              gscale=1.0, beta="random", lower_bound=-5.0, use_A=True, use_bias=True, device=DEVICE, seed=0):
+              gscale=1.0, beta="random", lower_bound=-5.0, use_A=True, use_bias=True, device=DEVICE, seed=0,
+              unit_qk="normalize", wide_A=False, beta_scale=1.0, low_g=False):
     """Leaves (dict) and keyword options of one KDA call.
 
     gate: "none" (g is the log-decay), "softplus" or "lb" (raw gate inputs, scaled by gscale).
-    beta: "random" or "binary" (0/1 values). cu: packed sequence offsets (B must be 1)."""
+    beta: "random" or "binary" (0/1 values, +-20 logits with sig). cu: packed sequence offsets (B must be 1).
+    unit_qk: without l2, q and k are "normalize"d to unit rows or "scale"d by K^-0.5 (norm near 1).
+    wide_A: softplus-gate A_log = log(1 + 15 u), a in [1, 16] (else 0.5 randn). beta_scale: scale of the
+    random beta logits (with sig). low_g: g in dtype too (else fp32, as A_log, dt_bias, initial_state)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -39,7 +44,9 @@ def make_case(B, T, H, HV, K, V, dtype, *, gate="none", l2=True, sig=True, h0=Fa
 
     N = B if cu is None else len(cu) - 1
     q, k = rnd(B, T, H, K), rnd(B, T, H, K)
-    if not l2:  # unit-norm keys keep the delta rule contractive, as a real model's l2norm does
+    if not l2 and unit_qk == "scale":  # ||k|| near 1 keeps the delta rule contractive
+        q, k = q * K ** -0.5, k * K ** -0.5
+    elif not l2:  # unit-norm keys keep the delta rule contractive, as a real model's l2norm does
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     x = dict(q=q, k=k, v=rnd(B, T, HV, V))
     kw = dict(output_final_state=out_ht, use_qk_l2norm_in_kernel=l2, use_beta_sigmoid_in_kernel=sig,
@@ -52,17 +59,18 @@ def make_case(B, T, H, HV, K, V, dtype, *, gate="none", l2=True, sig=True, h0=Fa
         if gate == "lb":
             kw["lower_bound"] = lower_bound
         if use_A or gate == "softplus":
-            x["A_log"] = rnd(HV) * 0.5
+            wide = wide_A and gate == "softplus"
+            x["A_log"] = torch.log(1 + 15 * torch.rand(HV, generator=gen)) if wide else rnd(HV) * 0.5
         if use_bias:
             x["dt_bias"] = rnd(HV * K) * 0.5
     if beta == "binary":
         b = (torch.rand(B, T, HV, generator=gen) > 0.5).float()
         x["beta"] = (b * 40 - 20) if sig else b
     else:
-        x["beta"] = rnd(B, T, HV) if sig else torch.rand(B, T, HV, generator=gen)
+        x["beta"] = rnd(B, T, HV) * beta_scale if sig else torch.rand(B, T, HV, generator=gen)
     if h0:
         x["initial_state"] = rnd(N, HV, K, V) * 0.5
-    low = {"q", "k", "v", "beta"}
+    low = {"q", "k", "v", "beta", "g"} if low_g else {"q", "k", "v", "beta"}
     x = {n: (t.to(dtype) if n in low else t.float()).to(device).requires_grad_() for n, t in x.items()}
     return x, kw
 

@@ -4,24 +4,22 @@ Interpreter lane (fp32/fp16, small shapes):
 ``TRITON_INTERPRET=1 FASTATTN_BACKEND=triton python -m pytest -m interpret tests/test_kda_recurrent.py``.
 GPU lane (``-m gpu``): bf16/fp16/fp32 at real sizes and torch.compile.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import fastattn
+from kda_utils import call, make_case as _make_case, needs_kernels, rel
 from reference.kda import naive_recurrent_kda
 
-LANE_OK = os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 def interpret(fn):
     """Interpreter-lane test: runs under TRITON_INTERPRET=1 (CPU) or on CUDA, skips otherwise."""
-    return pytest.mark.interpret(pytest.mark.skipif(not LANE_OK, reason="needs TRITON_INTERPRET=1 or CUDA")(fn))
+    return pytest.mark.interpret(needs_kernels(fn))
+
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (5e-3, 1e-2)}
-GRAD_NAMES = ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state")
 
 
 @pytest.fixture(autouse=True)
@@ -29,66 +27,19 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("FASTATTN_BACKEND", "triton")
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor, den=None) -> float:
-    """||x - ref||_rms / ||ref||_rms (or / den; the absolute rms when that is 0); NaN never passes."""
-    assert torch.isfinite(x).all(), "non-finite values"
-    err = (x.double() - ref.double()).pow(2).mean().sqrt().item()
-    den = ref.double().pow(2).mean().sqrt().item() if den is None else den
-    return err / den if den > 0 else err
-
-
-def make_case(B, T, H, HV, K, V, dtype, *, gate="none", l2=True, sig=True, h0=False, cu=None, out_ht=True,
-              gscale=1.0, beta="random", lower_bound=-5.0, use_A=True, use_bias=True, device=DEVICE, seed=0):
-    """Inputs (dict of leaves) and keyword options of one fused_recurrent_kda call.
-
-    gate: "none" (g is the log decay), "softplus" or "lb" (raw gate inputs). beta: "random" or "binary" (0/1)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    N = B if cu is None else len(cu) - 1
-    q, k = rnd(B, T, H, K), rnd(B, T, H, K)
-    if not l2:  # keep ||k|| near 1 so the delta rule stays contractive
-        q, k = q * K ** -0.5, k * K ** -0.5
-    x = dict(q=q, k=k, v=rnd(B, T, HV, V))
-    kw = dict(output_final_state=out_ht, use_qk_l2norm_in_kernel=l2, use_beta_sigmoid_in_kernel=sig,
-              cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int64, device=device))
-    if gate == "none":
-        x["g"] = F.logsigmoid(rnd(B, T, HV, K) * 2) * gscale
-    else:
-        x["g"] = rnd(B, T, HV, K) * gscale
-        kw["use_gate_in_kernel"] = True
-        if gate == "lb":
-            kw["lower_bound"] = lower_bound
-        if use_A or gate == "softplus":
-            x["A_log"] = torch.log(1 + 15 * torch.rand(HV, generator=gen)) if gate == "softplus" else rnd(HV) * 0.5
-        if use_bias:
-            x["dt_bias"] = rnd(HV * K) * 0.5
-    if beta == "binary":
-        x["beta"] = (torch.rand(B, T, HV, generator=gen) > 0.5).float()
-        kw["use_beta_sigmoid_in_kernel"] = sig = False
-    else:
-        x["beta"] = rnd(B, T, HV) * 2 if sig else torch.rand(B, T, HV, generator=gen)
-    if h0:
-        x["initial_state"] = rnd(N, HV, K, V) * 0.5
-    for name in x:
-        keep32 = name in ("A_log", "dt_bias", "initial_state")
-        x[name] = x[name].to(device=device, dtype=torch.float32 if keep32 else dtype)
-    return x, kw
+def make_case(*dims, sig=True, beta="random", **opts):
+    """kda_utils.make_case with this file's inputs: without l2, q and k scaled by K^-0.5; softplus-gate
+    a = exp(A_log) in [1, 16]; beta logits 2 randn; g in the input dtype; binary beta (0/1) without sigmoid."""
+    return _make_case(*dims, sig=sig and beta != "binary", beta=beta, unit_qk="scale", wide_A=True,
+                      beta_scale=2.0, low_g=True, **opts)
 
 
 def run_both(x, kw):
     """(ours, oracle): each a dict of o, final state and the gradients of (o*do).sum() + (ht*dht).sum()."""
-    def call(fn, leaves):
-        o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"],
-                   **{n: leaves[n] for n in ("A_log", "dt_bias", "initial_state") if n in leaves}, **kw)
-        return o, ht
-
     ours = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
     ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
-    o, ht = call(fastattn.fused_recurrent_kda, ours)
-    ro, rht = call(naive_recurrent_kda, ref)
+    o, ht = call(fastattn.fused_recurrent_kda, ours, kw)
+    ro, rht = call(naive_recurrent_kda, ref, kw)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=gen).to(o.device)
     loss, rloss = (o.float() * do).sum(), (ro * do.double()).sum()

@@ -1,12 +1,93 @@
-"""Triton helpers shared by the KDA kernels: in-kernel gate, beta sigmoid and l2norm, fwd and bwd.
+"""Triton helpers shared by the KDA kernels: program prologues, gate parameters, in-kernel gate, beta
+sigmoid and l2norm (fwd and bwd).
 
-All math in fp32. The gate returns the natural-log decay g <= 0; kernels multiply by LOG2E
+All math in fp32; offsets int64. The gate returns the natural-log decay g <= 0; kernels multiply by LOG2E
 themselves before exp2.
 """
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def seq_program(cu_seqlens, T, H: tl.constexpr, HV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Prologue of the (V tiles, N*HV)-grid kernels: (i_v, i_nh, i_n, i_hv, i_h, bos, seq_len), int64.
+
+    bos / seq_len: first token and length of sequence i_n (from cu_seqlens, else i_n*T and T)."""
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        bos = i_n * T
+        seq_len = i_n * 0 + T
+    return i_v, i_nh, i_n, i_hv, i_h, bos, seq_len
+
+
+@triton.jit
+def state_tile(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and masks of state tile i_v [BK, BV] (all K rows, columns i_v*BV...) of a row-major [K, V] state:
+    (o_k, o_v, m_k, m_v, m_kv, o_kv)."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    return o_k, o_v, m_k, m_v, m_k[:, None] & m_v[None, :], o_k[:, None] * V + o_v[None, :]
+
+
+@triton.jit
+def load_state(p, i_nh, o_kv, m_kv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               USE: tl.constexpr):
+    """fp32 state tile [BK, BV] of program i_nh from p [N*HV, K, V]; zeros without USE."""
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE:
+        b_s += tl.load(p + i_nh * K * V + o_kv, mask=m_kv, other=0.)
+    return b_s
+
+
+@triton.jit
+def chunk_program(chunk_indices, cu_seqlens, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr):
+    """Prologue of the (chunks, HV)-grid kernels: (i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t), int64.
+
+    Program i_t is chunk i_c of sequence i_n; tok are the token ids of its BT rows, m_t marks valid rows."""
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
+    i_c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    o_t = tl.arange(0, BT)
+    tok = bos + i_c * BT + o_t
+    m_t = (i_c * BT + o_t) < seq_len
+    return i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t
+
+
+@triton.jit
+def load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K: tl.constexpr, BK: tl.constexpr,
+                     HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(a, b) of the in-kernel gate of value head i_hv on channels o_k: a = exp(A_log) (1 without A_log),
+    b = dt_bias row [BK] (0 without dt_bias)."""
+    if HAS_A:
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    else:
+        b_a = 1.0
+    if HAS_BIAS:
+        b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    else:
+        b_bias = tl.zeros([BK], dtype=tl.float32)
+    return b_a, b_bias
+
+
+@triton.jit
+def load_beta(beta, tok, m_t, i_hv, HV: tl.constexpr, USE_SIGMOID: tl.constexpr):
+    """beta of the rows of one chunk in fp32 (0 on invalid rows), through the sigmoid when asked."""
+    b_beta = tl.load(beta + tok * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    if USE_SIGMOID:
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.)
+    return b_beta
 
 
 @triton.jit

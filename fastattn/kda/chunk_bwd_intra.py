@@ -9,8 +9,8 @@ Writes dq, dk (per value head when HV > H), dv, dg, dbeta and per-chunk partial 
 import triton
 import triton.language as tl
 
-from ._common import gate_bwd, l2norm_bwd
-from .chunk_fwd import load_beta, load_chunk_qk
+from ._common import chunk_program, gate_bwd, l2norm_bwd, load_beta, load_gate_params
+from .chunk_fwd import load_chunk
 
 
 @triton.jit
@@ -77,31 +77,17 @@ def kda_intra_bwd_kernel(q, k, v, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q
                          USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, USE_GATE: tl.constexpr,
                          HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr, LB: tl.constexpr,
                          DOT_PREC: tl.constexpr):
-    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
-    i_c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_program(chunk_indices, cu_seqlens, H, HV, BT)
     i_gc = tl.load(chunk_offsets + i_n).to(tl.int64) + i_c
 
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    m_t = (i_c * BT + o_t) < seq_len
-    tok = bos + i_c * BT + o_t
     n_valid = tl.minimum(BT, seq_len - i_c * BT)
-    last = bos + i_c * BT + n_valid - 1
-    b_q, b_k, b_G, b_gl = load_chunk_qk(q, k, Gc, rstd_q, rstd_k, tok, m_t, i_h, i_hv, last,
-                                        H, HV, K, BK, USE_L2NORM)
-    b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
-    b_eg = tl.exp2(b_G)
-    b_kd = tl.where(m_t[:, None], b_k * tl.exp2(b_gl[None, :] - b_G), 0.)
+    _, _, b_q, b_k, b_G, b_gl, b_eg, b_kd, b_Ti, b_beta, b_T, b_A = load_chunk(
+        q, k, beta, Gc, Aqk, Tinv, rstd_q, rstd_k, bos, seq_len, i_c, i_h, i_hv,
+        H, HV, K, BT, BK, USE_L2NORM, USE_SIGMOID)
     b_kg = b_k * b_eg
-    o_a = (tok * HV + i_hv) * BT
-    b_Ti = tl.load(Tinv + o_a[:, None] + o_t[None, :], mask=m_t[:, None], other=0.)
-    b_T = b_Ti * b_beta[None, :]
-    b_A = tl.load(Aqk + o_a[:, None] + o_t[None, :], mask=m_t[:, None], other=0.)
     b_w = tl.dot(b_T, b_kg, input_precision=DOT_PREC)
 
     b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
@@ -159,14 +145,7 @@ def kda_intra_bwd_kernel(q, k, v, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q
     o_g = ((tok * HV + i_hv) * K)[:, None] + o_k[None, :]
     if USE_GATE:
         b_x = tl.load(g + o_g, mask=m, other=0.).to(tl.float32)
-        if HAS_A:
-            b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-        else:
-            b_a = 1.0
-        if HAS_BIAS:
-            b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        else:
-            b_bias = tl.zeros([BK], dtype=tl.float32)
+        b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
         b_dx, b_dal = gate_bwd(b_x, b_a, b_bias[None, :], b_dg, HAS_LB, LB)
         b_dx = tl.where(m, b_dx, 0.)
         tl.store(dg + o_g, b_dx.to(dg.dtype.element_ty), mask=m)

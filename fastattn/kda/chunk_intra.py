@@ -9,7 +9,7 @@ Grid (chunks, HV). Reads q, k, g, beta (raw). Writes Gc [T, HV, K], Aqk and Tinv
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, gate_fwd
+from ._common import LOG2E, chunk_program, gate_fwd, load_beta, load_gate_params
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -20,16 +20,9 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q, r
                          USE_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, HAS_A: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr, LB: tl.constexpr,
                          USE_SIGMOID: tl.constexpr, DOT_PREC: tl.constexpr):
-    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
-    i_c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_program(chunk_indices, cu_seqlens, H, HV, BT)
 
     o_t = tl.arange(0, BT)
-    m_t = (i_c * BT + o_t) < seq_len
-    tok = bos + i_c * BT + o_t                      # int64 token ids of the rows
     o_qk = (tok * H + i_h) * K                     # row offsets into q, k
     o_g = (tok * HV + i_hv) * K                    # row offsets into g, Gc
 
@@ -52,13 +45,7 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q, r
         b_rq = tl.full([BT], 1.0, dtype=tl.float32)
         b_rk = tl.full([BT], 1.0, dtype=tl.float32)
 
-    b_beta = tl.load(beta + tok * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
-    if USE_SIGMOID:
-        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.)
-    if HAS_A:
-        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-    else:
-        b_a = 1.0
+    b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
 
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -70,10 +57,7 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd_q, r
         b_k = tl.load(k + o_qk[:, None] + o_k[None, :], mask=m, other=0.).to(tl.float32)
         b_g = tl.load(g + o_g[:, None] + o_k[None, :], mask=m, other=0.).to(tl.float32)
         if USE_GATE:
-            if HAS_BIAS:
-                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.).to(tl.float32)
-            else:
-                b_bias = tl.zeros([BK], dtype=tl.float32)
+            b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
             b_g = gate_fwd(b_g, b_a, b_bias[None, :], HAS_LB, LB)
         b_g = tl.where(m, b_g * LOG2E, 0.)
         b_G = tl.cumsum(b_g, axis=0)

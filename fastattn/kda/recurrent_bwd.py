@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, gate_bwd, gate_fwd, l2norm_bwd, l2norm_rstd
-from .recurrent_fwd import load_gate_params, load_kgbv
+from ._common import (LOG2E, gate_bwd, gate_fwd, l2norm_bwd, l2norm_rstd, load_gate_params, load_state,
+                      seq_program, state_tile)
+from .recurrent_fwd import load_kgbv
 
 
 @triton.jit(do_not_specialize=["T", "SB"])
@@ -23,31 +24,18 @@ def kda_recurrent_bwd_kernel(q, k, v, g, beta, A_log, dt_bias, ckpt, scratch, do
                              USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, USE_GATE: tl.constexpr,
                              HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr, LB: tl.constexpr,
                              USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr):
-    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_v, i_nh, i_n, i_hv, i_h, bos, seq_len = seq_program(cu_seqlens, T, H, HV, IS_VARLEN)
     NV = tl.num_programs(0).to(tl.int64)
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    i_h = i_hv // (HV // H)
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
         seg0 = tl.load(ckpt_offsets + i_n).to(tl.int64)
     else:
-        bos = i_n * T
-        seq_len = i_n * 0 + T
         seg0 = i_n * tl.cdiv(T, BS)
 
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, o_kv = state_tile(i_v, K, V, BK, BV)
     p_scr = scratch + i_nh * SB * K * V
     b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
 
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh * K * V + o_kv, mask=m_kv, other=0.)
+    b_dh = load_state(dht, i_nh, o_kv, m_kv, K, V, BK, BV, USE_DHT)
     b_dA = tl.zeros([BK], dtype=tl.float32)
     b_db = tl.zeros([BK], dtype=tl.float32)
     NS = tl.cdiv(seq_len, BS)

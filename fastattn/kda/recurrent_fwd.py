@@ -9,22 +9,7 @@ Writes o, the final state ht, and (STORE_CKPT) the state entering every BS-token
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, gate_fwd, l2norm_rstd
-
-
-@triton.jit
-def load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K: tl.constexpr, BK: tl.constexpr,
-                     HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(a, b) of the in-kernel gate of value head i_hv: a = exp(A_log) (1 without A_log), b = dt_bias row."""
-    if HAS_A:
-        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-    else:
-        b_a = 1.0
-    if HAS_BIAS:
-        b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.).to(tl.float32)
-    else:
-        b_bias = tl.zeros([BK], dtype=tl.float32)
-    return b_a, b_bias
+from ._common import LOG2E, gate_fwd, l2norm_rstd, load_gate_params, load_state, seq_program, state_tile
 
 
 @triton.jit
@@ -54,32 +39,17 @@ def kda_recurrent_fwd_kernel(q, k, v, g, beta, A_log, dt_bias, h0, o, ht, ckpt, 
                              HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr, LB: tl.constexpr,
                              USE_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_HT: tl.constexpr,
                              STORE_CKPT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    i_h = i_hv // (HV // H)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n * T
-        seq_len = i_n * 0 + T
+    i_v, i_nh, i_n, i_hv, i_h, bos, seq_len = seq_program(cu_seqlens, T, H, HV, IS_VARLEN)
     if STORE_CKPT:
         if IS_VARLEN:
             seg0 = tl.load(ckpt_offsets + i_n).to(tl.int64)
         else:
             seg0 = i_n * tl.cdiv(T, BS)
 
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, o_kv = state_tile(i_v, K, V, BK, BV)
     b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh * K * V + o_kv, mask=m_kv, other=0.)
+    b_h = load_state(h0, i_nh, o_kv, m_kv, K, V, BK, BV, USE_H0)
     for i_s in range(0, tl.cdiv(seq_len, BS)):
         if STORE_CKPT:
             tl.store(ckpt + ((seg0 + i_s) * HV + i_hv) * K * V + o_kv, b_h, mask=m_kv)
