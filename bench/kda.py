@@ -1,15 +1,14 @@
-"""KDA kernel timings: fastattn.chunk_kda against fla-core's chunk_kda, same run, same card.
-
-    python bench/kda.py [--quick] [--out bench/out]
+"""KDA cases of ``bench/kernels.py --op kda``: fastattn.chunk_kda against fla-core's chunk_kda.
 
 Cases (bf16, H = HV = 16, K = V = 128): (B, T) = (8, 4096), (2, 16384), (1, 65536), varlen
 [1300, 547, 2048, 963, 271, 3063] and 8 x 1024; mode A (pre-computed log-decay, unit-norm q/k, beta given)
 and mode B (l2norm, softplus gate with A_log/dt_bias and beta sigmoid in the kernel). Every shape is
 warmed up first; outputs are checked against fla (and fla's absence is said) before any time is
-reported; times are do_bench medians in ms; peak memory of forward+backward in GiB. Writes JSON and CSV.
+reported; times are do_bench medians in ms; peak memory of forward+backward in GiB; the first call of a
+new shape is timed in a fresh process with an empty Triton cache. Rows go to ``<out>/kda.jsonl``, a
+plot to ``<out>/kda.png`` when matplotlib is installed; a table is printed last.
 """
-import argparse
-import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastattn  # noqa: E402
+from _common import Results, device_line, rel_err, table  # noqa: E402
 
 SHAPES = [("B8-T4096", [4096] * 8, False), ("B2-T16384", [16384] * 2, False), ("B1-T65536", [65536], False),
           ("varlen-6", [1300, 547, 2048, 963, 271, 3063], True), ("varlen-8x1024", [1024] * 8, True)]
@@ -60,10 +60,6 @@ def make_inputs(lens, varlen, mode, seed=0):
     return [t.requires_grad_() for t in leaves], kw
 
 
-def rel(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def time_case(fn, args, kw, do):
     from triton.testing import do_bench
     params = [t for t in list(args) + [kw.get("A_log"), kw.get("dt_bias")] if t is not None]
@@ -88,7 +84,7 @@ def time_case(fn, args, kw, do):
 
 def first_call_seconds():
     """Compile time of a new shape in a fresh process with an empty Triton cache (mode B, fwd + bwd)."""
-    code = ("import time,torch,sys;sys.path.insert(0,'.');import bench.kda as b;import fastattn;"
+    code = ("import time,torch,sys;sys.path[:0]=['.','bench'];import kda as b;import fastattn;"
             "a,kw=b.make_inputs([4096]*8,False,'B');t=time.time();o=fastattn.chunk_kda(*a,**kw)[0];"
             "torch.cuda.synchronize();t1=time.time()-t;o.sum().backward();torch.cuda.synchronize();"
             "print(t1, time.time()-t)")
@@ -101,63 +97,76 @@ def first_call_seconds():
     return (f, fb), None
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only B8-T4096")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    p.add_argument("--no-first-call", action="store_true")
-    a = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/kda.py needs a CUDA GPU")
-    import triton
-    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    fla = load_fla()
-    rows = []
-    for name, lens, varlen in SHAPES[:1] if a.quick else SHAPES:
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    labels = [f"{r['shape']}\n{r['mode']}" for r in rows if "speedup_fwd" in r]
+    if not labels:
+        return
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
+    ax.bar([i - 0.2 for i in x], [r["speedup_fwd"] for r in rows if "speedup_fwd" in r], 0.4, label="fwd")
+    ax.bar([i + 0.2 for i in x], [r["speedup_fwdbwd"] for r in rows if "speedup_fwd" in r], 0.4, label="fwd+bwd")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("speed-up over fla-core (x)")
+    ax.set_title(device_line(), fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def run_kda(args):
+    """Entry of ``bench/kernels.py --op kda``."""
+    res = Results(args.out, "kda")
+    print(device_line(), flush=True)
+    fla = load_fla() if args.baseline == "fla" else None
+    for name, lens, varlen in SHAPES[:1] if args.quick else SHAPES:
         for mode in ("A", "B"):
-            args, kw = make_inputs(lens, varlen, mode)
-            do = torch.randn_like(args[2])
+            inputs, kw = make_inputs(lens, varlen, mode)
+            do = torch.randn_like(inputs[2])
             row = dict(shape=name, mode=mode)
-            o = fastattn.chunk_kda(*args, **kw)[0]
+            o = fastattn.chunk_kda(*inputs, **kw)[0]
             ok = bool(torch.isfinite(o).all())
             if fla is not None:
                 try:
-                    o_ref = fla(*args, **kw)[0]
-                    row["rel_vs_fla"] = rel(o, o_ref)
+                    row["rel_vs_fla"] = rel_err(o, fla(*inputs, **kw)[0])
                     ok = ok and row["rel_vs_fla"] <= MAX_REL_VS_FLA
-                    row["fla_fwd"], row["fla_fwdbwd"], row["fla_peak_gib"] = time_case(fla, args, kw, do)
+                    row["fla_fwd"], row["fla_fwdbwd"], row["fla_peak_gib"] = time_case(fla, inputs, kw, do)
                 except TypeError as e:
                     row["fla_error"] = str(e)[:120]
             if ok:
-                row["fwd"], row["fwdbwd"], row["peak_gib"] = time_case(fastattn.chunk_kda, args, kw, do)
+                row["fwd"], row["fwdbwd"], row["peak_gib"] = time_case(fastattn.chunk_kda, inputs, kw, do)
                 if "fla_fwd" in row:
                     row["speedup_fwd"] = row["fla_fwd"] / row["fwd"]
                     row["speedup_fwdbwd"] = row["fla_fwdbwd"] / row["fwdbwd"]
             else:
                 row["error"] = "output check failed: no time reported"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del args, kw, do, o
+            print(res.add(**row), flush=True)
+            del inputs, kw, do, o
             torch.cuda.empty_cache()
-    first = None if a.no_first_call else first_call_seconds()
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "kda.json"), "w") as f:
-        json.dump(dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows, first_call=first), f, indent=1)
+    if not args.quick:
+        first, err = first_call_seconds()
+        res.add(shape="B8-T4096", mode="B", first_call_fwd_s=first and first[0], first_call_fwdbwd_s=first and first[1],
+                error=err)
     cols = ["shape", "mode", "fwd", "fla_fwd", "speedup_fwd", "fwdbwd", "fla_fwdbwd", "speedup_fwdbwd",
             "peak_gib", "fla_peak_gib", "rel_vs_fla"]
-    with open(os.path.join(a.out, "kda.csv"), "w") as f:
-        f.write(",".join(cols) + "\n")
-        for r in rows:
-            f.write(",".join(str(r.get(c, "")) for c in cols) + "\n")
-    print("\n| shape | mode | fwd ms | fla fwd | x | fwd+bwd ms | fla | x | peak GiB | fla | rel vs fla |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v if v is not None else "-")  # noqa: E731
-    for r in rows:
-        print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    if first:
-        print(f"first call (fresh process, empty Triton cache, mode B, B8-T4096): {first}")
-
-
-if __name__ == "__main__":
-    main()
+    rows = [r for r in res.rows if "first_call_fwd_s" not in r]
+    print("\n## KDA chunk (ms, median; speedup = fla-core time / fastattn time)")
+    print(table(rows, cols))
+    for key in ("speedup_fwd", "speedup_fwdbwd"):
+        s = [r[key] for r in rows if key in r]
+        if s:
+            print(f"geomean {key}: {math.exp(sum(map(math.log, s)) / len(s)):.2f}x (min {min(s):.2f}x)")
+    for r in res.rows:
+        if "first_call_fwd_s" in r:
+            print(f"first call in a fresh process (mode B, B8-T4096): fwd {r['first_call_fwd_s']} s, "
+                  f"fwd+bwd {r['first_call_fwdbwd_s']} s {r.get('error') or ''}")
+    if args.out:
+        plot(rows, os.path.join(args.out, "kda.png"))

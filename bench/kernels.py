@@ -1,6 +1,9 @@
 """Kernel timings against baselines, same run, same card.
 
     python bench/kernels.py --op eva [--quick] [--sweep] [--smoke] [--out DIR]
+    python bench/kernels.py --op kda [--baseline fla|none] [--quick] [--out DIR]
+
+``--op kda``: fastattn.chunk_kda against fla-core 0.6.0 (see bench/kda.py for the cases).
 
 ``--op eva``: fastattn.flash_eva (bf16, H = 16, Hkv = 8, D = 128) against FlexAttention over
 cat(K, K_landmarks) with the EVA mask plus PyTorch pooling (the whole baseline under torch.compile),
@@ -25,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastattn  # noqa: E402
 from _common import Results, bench_ms, device_line, rel_err, table  # noqa: E402
+from kda import run_kda  # noqa: E402
 
 H, HKV, D = 16, 8, 128
 EVA_CASES = [dict(B=8, T=4096, W=2048, C=16, local="block"), dict(B=2, T=16384, W=2048, C=16, local="block"),
@@ -268,13 +272,14 @@ def run_eva(args):
     print(table(dec, ["case", "provider", "ms", "speedup_vs_sdpa", "cache_rows"]))
 
 
-OPS = {"eva": run_eva}
+OPS = {"eva": run_eva, "kda": run_kda}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--op", required=True, choices=sorted(OPS))
-    p.add_argument("--quick", action="store_true", help="the first two cases and 32K decode only")
+    p.add_argument("--quick", action="store_true", help="eva: the first two cases and 32K decode; kda: B8-T4096")
+    p.add_argument("--baseline", default="fla", choices=["fla", "none"], help="kda: compare against fla-core")
     p.add_argument("--sweep", action="store_true", help="time tile choices first")
     p.add_argument("--smoke", action="store_true", help="run every kernel once at a small shape and exit")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))

@@ -8,7 +8,7 @@ Grid (chunk groups of NCB, Hkv, B); reads k, v, mu, phi once; writes k_lm, v_lm 
 import triton
 import triton.language as tl
 
-from ._common import K_LOG2E, load_rows, seq_layout, store_rows
+from ._common import K_LOG2E, seq_layout, store_rows
 
 
 @triton.jit

@@ -2,8 +2,9 @@
 
 Math: G = cumsum of the (in-kernel) gate inside the chunk, in log2 units; with e_ijd = 2^(G_id - G_jd),
 A_qk = scale * tril(sum_d q_id k_jd e_ijd), L = diag(beta) strict_tril(sum_d k_id k_jd e_ijd),
-Tinv = (I + L)^-1 (later stages scale its columns by beta). Off-diagonal 16-row sub-blocks use tensor-core dots anchored on the last row
-before the row block (every exponent <= 0); diagonal sub-blocks are computed pairwise (exponent <= 0).
+Tinv = (I + L)^-1 (later stages scale its columns by beta). Off-diagonal 16-row sub-blocks use
+tensor-core dots anchored on the last row before the row block (every exponent <= 0); diagonal
+sub-blocks are computed pairwise (exponent <= 0).
 Grid (chunks, HV). Reads q, k, g, beta (raw). Writes Gc [T, HV, K], Aqk and Tinv [T, HV, BT], rstd_q/k [T, HV].
 """
 import triton

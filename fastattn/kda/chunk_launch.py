@@ -77,7 +77,8 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     kda_state_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, v, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], h0, o, h, ht, cu, offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_L2NORM=opts.use_qk_l2norm,
-        USE_SIGMOID=opts.use_beta_sigmoid, USE_H0=h0 is not None, STORE_HT=ht is not None, DOT_PREC=prec, num_warps=8, num_stages=1)
+        USE_SIGMOID=opts.use_beta_sigmoid, USE_H0=h0 is not None, STORE_HT=ht is not None, DOT_PREC=prec,
+        num_warps=8, num_stages=1)
     return o, ht, (Gc, Aqk, Tinv, rstd, h)
 
 
@@ -95,7 +96,8 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     kda_state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], do, dht, dh, dh0, cu, offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_L2NORM=opts.use_qk_l2norm,
-        USE_SIGMOID=opts.use_beta_sigmoid, USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec, num_warps=8, num_stages=1)
+        USE_SIGMOID=opts.use_beta_sigmoid, USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec,
+        num_warps=8, num_stages=1)
     gva = HV != H
     dq = torch.empty(B, T, HV, K, **f32) if gva else torch.empty_like(q)
     dk = torch.empty(B, T, HV, K, **f32) if gva else torch.empty_like(k)
