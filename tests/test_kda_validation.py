@@ -103,10 +103,16 @@ def test_bad_input_raises(fn, kwargs, exc, match):
         fn(**kwargs)
 
 
-@pytest.mark.parametrize("chunk_size", [0, 8, 48, 128, "64", None])
+@pytest.mark.parametrize("chunk_size", [0, 8, 48, 128, "64", None, 64.0, True])
 def test_bad_chunk_size(chunk_size):
     with pytest.raises(ValueError, match=f"chunk_size must be one of .*got {chunk_size!r}"):
         fastattn.chunk_kda(**good(), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("scale", [True, "0.1", torch.tensor(0.1)])
+def test_bad_scale_type(scale):
+    with pytest.raises(TypeError, match="scale must be a float or None"):
+        fastattn.chunk_kda(**good(), scale=scale)
 
 
 @pytest.mark.parametrize("name", ["k", "v", "g", "beta", "initial_state", "A_log", "dt_bias"])

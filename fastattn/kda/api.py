@@ -37,11 +37,11 @@ def _prepare(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_
         raise ValueError(f"v head dim V must be <= {MAX_HEAD_DIM}, got V={V}")
     if q.dtype != k.dtype:
         raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
-    if chunk_size not in CHUNK_SIZES:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     if scale is None:
         scale = K ** -0.5
-    if not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     cu = check_cu_seqlens(cu_seqlens, B, T, dev)
     N = B if cu is None else cu.numel() - 1
