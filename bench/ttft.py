@@ -325,6 +325,13 @@ def plot(rows, path, title):
     print(f"plot written to {path}")
 
 
+def write_json(path, device, baseline, rows):
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else None, torch=torch.__version__, baseline=baseline, rows=rows), f, indent=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ctx", type=parse_ctx, default=parse_ctx("8k,32k,128k"),
@@ -336,6 +343,9 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=None, help="timed prefills per point (median; default 3, CPU 1)")
     p.add_argument("--decode-batches", type=parse_ints, default=[1, 16], help="decode batch sizes (default 1,16)")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (default 32, CPU 4)")
+    p.add_argument("--decode-max-tokens", type=int, default=1 << 19,
+                   help="skip a decode point whose set-up prefill (batch x ctx) exceeds this many tokens "
+                        "(default 524288: batch 16 at 32K, batch 1 up to 512K)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--layers", type=int, default=None,
                    help="override the depth (28) for quick smoke runs; results are then not Qwen3-0.6B's")
@@ -409,6 +419,9 @@ def main(argv=None):
                 cfg = HybridConfig.from_preset("attention" if name == "transformers-sdpa" else name, **shape)
                 row["cache_formula_bytes"] = cache_nbytes(cfg, args.batch, ctx, dtype)["total"]
                 for b in args.decode_batches:
+                    if b * ctx > args.decode_max_tokens:
+                        row["decode"][b] = "skip"
+                        continue
                     try:
                         row["decode"][b] = time_decode(runner, ctx, b, steps, device, vocab, progress, name)
                     except Exception as e:
@@ -417,15 +430,13 @@ def main(argv=None):
                         row["decode"][b] = "OOM"
                         free(device)
             rows.append(row)
+            write_json(args.json, device, baseline, rows)       # after every point: a cut-short run keeps its rows
             progress.step()
         del runner
         free(device)
     progress.close()
     report(rows, baseline)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda"
-                           else None, baseline=baseline, rows=rows), f, indent=2)
+    write_json(args.json, device, baseline, rows)
     plot(rows, args.plot, f"TTFT, Qwen3-0.6B shape, batch {args.batch}, {str(dtype).replace('torch.', '')}, "
          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     return 0

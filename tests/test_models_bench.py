@@ -38,13 +38,14 @@ def test_tiny_cpu_run(ttft, tmp_path, capsys, monkeypatch):
     for key, value in small.items():
         monkeypatch.setitem(ttft.QWEN3_0_6B, key, value)
     rc = ttft.main(["--ctx", "40", "--layers", "4", "--device", "cpu", "--model", "all", "--decode-batches", "1,2",
-                    "--decode-steps", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "t.png")])
+                    "--decode-steps", "1", "--decode-max-tokens", "40", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "t.png")])
     assert rc == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     names = {r["model"] for r in rows}
     assert {"attention", "hybrid-kda", "eva", "hybrid-kda-eva"} <= names
     for r in rows:
         assert r["ttft"] > 0 and set(r["decode"]) == {"1", "2"}, r
+        assert isinstance(r["decode"]["1"], float) and r["decode"]["2"] == "skip", r   # 2 x 40 tokens > 40
         if r["model"] != "fla-hybrid":
             assert r["cache_bytes"] == r["cache_formula_bytes"], r
     assert "TTFT s" in capsys.readouterr().out
