@@ -1,0 +1,283 @@
+"""Synthetic templated chat tasks with exact answers, deterministic by seed.
+
+Three kinds, all short enough for a byte-level tokenizer on a CPU (prompts well under ~120 bytes with four
+options):
+
+* ``mc`` — multiple choice. A category question ("Which of these is a fruit?") or a number comparison
+  ("Which number is the largest?"), the options listed as ``"A. pear\\nB. red\\n..."`` and the instruction
+  ``"Answer with the letter."``. The answer is the letter. Over one call of :func:`make_tasks` the correct
+  letter is balanced exactly: the counts of A, B, C, ... differ by at most one.
+* ``kv`` — key-value recall: three ``"key: value"`` lines (distinct keys, distinct values) then
+  ``"What is the value of <key>?"``; the answer is that key's value.
+* ``arith`` — ``a + b`` or ``a - b`` with ``0 <= a, b <= 50`` and a non-negative result; the answer is the
+  decimal result.
+
+Every answer is lowercase or a digit string or a capital letter, so the normalisation of
+:func:`fastattn.eval.normalize_text` leaves it unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from ..distill.data import _check_messages
+
+KINDS = ("mc", "kv", "arith")
+LETTERS = "ABCDEFGH"
+MAX_OPTIONS = len(LETTERS)
+KV_PAIRS = 3
+ARITH_MAX = 50
+
+CATEGORIES = {
+    "colour": ("red", "blue", "green", "yellow", "pink", "brown", "black", "white", "grey", "purple"),
+    "fruit": ("apple", "pear", "plum", "grape", "lemon", "mango", "peach", "cherry", "lime", "melon"),
+    "animal": ("cat", "dog", "horse", "cow", "mouse", "sheep", "goat", "lion", "bear", "fox"),
+    "vehicle": ("car", "bus", "train", "boat", "bike", "truck", "plane", "van", "taxi", "tram"),
+}
+_ARTICLE = {"colour": "a", "fruit": "a", "animal": "an", "vehicle": "a"}
+_NUMBER_QUESTIONS = {"largest": max, "smallest": min}
+_ARITH_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?")
+_CONSONANTS = "bcdfghklmnprstvz"
+_VOWELS = "aeiou"
+_KV_WORDS = CATEGORIES["colour"] + CATEGORIES["fruit"] + CATEGORIES["animal"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One task instance: the prompt turns, the exact answer text and (multiple choice) the option texts.
+
+    Args:
+        kind: task family (``"mc"``, ``"kv"``, ``"arith"``, or any name of the caller's).
+        messages: the prompt as ``{"role", "content"}`` dicts (optional system turn, user turn(s)), without the
+            assistant answer; lists are stored as tuples.
+        answer: the exact target completion (``"B"``, ``"42"``, ``"blue"``).
+        options: for multiple choice, the option texts in letter order A, B, C, ...; then ``answer`` must be one
+            of the first ``len(options)`` letters. Empty for free-form items.
+
+    Example:
+        >>> it = Item("arith", ({"role": "user", "content": "What is 2 + 3?"},), "5")
+        >>> it.chat()[-1]
+        {'role': 'assistant', 'content': '5'}
+    """
+    kind: str
+    messages: tuple
+    answer: str
+    options: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.kind, str) or not self.kind:
+            raise TypeError(f"kind must be a non-empty str, got {self.kind!r}")
+        if isinstance(self.messages, list):
+            object.__setattr__(self, "messages", tuple(self.messages))
+        if not isinstance(self.messages, tuple) or not self.messages:
+            raise TypeError(f"messages must be a non-empty tuple of {{'role', 'content'}} dicts, got {self.messages!r}")
+        _check_messages(self.messages)
+        if any(m["role"] == "assistant" for m in self.messages):
+            raise ValueError("messages must hold only the prompt (system/user turns), got an assistant turn")
+        if not isinstance(self.answer, str) or not self.answer:
+            raise TypeError(f"answer must be a non-empty str, got {self.answer!r}")
+        if isinstance(self.options, list):
+            object.__setattr__(self, "options", tuple(self.options))
+        if not isinstance(self.options, tuple) or not all(isinstance(o, str) for o in self.options):
+            raise TypeError(f"options must be a tuple of str, got {self.options!r}")
+        if len(self.options) == 1 or len(self.options) > MAX_OPTIONS:
+            raise ValueError(f"options must hold 0 or 2..{MAX_OPTIONS} texts, got {len(self.options)}")
+        if self.options and self.answer not in LETTERS[:len(self.options)]:
+            raise ValueError(f"answer must be one of the letters {LETTERS[:len(self.options)]!r} for "
+                             f"{len(self.options)} options, got {self.answer!r}")
+
+    @property
+    def is_mc(self) -> bool:
+        """True for multiple-choice items (those with options)."""
+        return bool(self.options)
+
+    @property
+    def letters(self) -> str:
+        """The valid option letters (``"ABCD"`` for four options, ``""`` for free-form items)."""
+        return LETTERS[:len(self.options)]
+
+    @property
+    def answer_index(self) -> int:
+        """Index of the correct option (multiple choice only; ValueError otherwise)."""
+        if not self.options:
+            raise ValueError(f"answer_index needs a multiple-choice item, got kind {self.kind!r} without options")
+        return LETTERS.index(self.answer)
+
+    def chat(self) -> List[dict]:
+        """The prompt turns followed by the assistant answer (a training conversation); fresh dicts."""
+        return [dict(m) for m in self.messages] + [{"role": "assistant", "content": self.answer}]
+
+
+def _mc_item(rng: random.Random, letter_pos: int, num_options: int, system: Optional[str]) -> Item:
+    qtype = rng.choice(sorted(CATEGORIES) + sorted(_NUMBER_QUESTIONS))
+    if qtype in CATEGORIES:
+        correct = rng.choice(CATEGORIES[qtype])
+        pool = [w for c in sorted(CATEGORIES) if c != qtype for w in CATEGORIES[c]]
+        others = rng.sample(pool, num_options - 1)
+        question = f"Which of these is {_ARTICLE[qtype]} {qtype}?"
+    else:
+        numbers = rng.sample(range(100), num_options)
+        correct = _NUMBER_QUESTIONS[qtype](numbers)
+        others = [x for x in numbers if x != correct]
+        rng.shuffle(others)
+        correct, others = str(correct), [str(x) for x in others]
+        question = f"Which number is the {qtype}?"
+    options = others[:letter_pos] + [correct] + others[letter_pos:]
+    lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)] + ["Answer with the letter."]
+    return Item("mc", _prompt(system, "\n".join(lines)), LETTERS[letter_pos], tuple(options))
+
+
+def _kv_item(rng: random.Random, system: Optional[str]) -> Item:
+    keys: List[str] = []
+    while len(keys) < KV_PAIRS:
+        key = rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(_CONSONANTS)
+        if key not in keys:
+            keys.append(key)
+    values: List[str] = []
+    while len(values) < KV_PAIRS:
+        value = rng.choice(_KV_WORDS) if rng.random() < 0.5 else str(rng.randint(10, 99))
+        if value not in values:
+            values.append(value)
+    asked = rng.randrange(KV_PAIRS)
+    lines = [f"{k}: {v}" for k, v in zip(keys, values)] + [f"What is the value of {keys[asked]}?"]
+    return Item("kv", _prompt(system, "\n".join(lines)), values[asked])
+
+
+def _arith_item(rng: random.Random, system: Optional[str]) -> Item:
+    a, b = rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX)
+    op = rng.choice("+-")
+    if op == "-" and a < b:
+        a, b = b, a
+    text = rng.choice(_ARITH_TEMPLATES).format(a=a, op=op, b=b)
+    return Item("arith", _prompt(system, text), str(a + b if op == "+" else a - b))
+
+
+def _prompt(system: Optional[str], user: str) -> tuple:
+    turns = [] if system is None else [{"role": "system", "content": system}]
+    return tuple(turns + [{"role": "user", "content": user}])
+
+
+def _key(item: Item) -> Tuple:
+    return (item.kind, tuple((m["role"], m["content"]) for m in item.messages))
+
+
+def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_options: int = 4,
+               system: Optional[str] = None, exclude: Iterable[Item] = ()) -> List[Item]:
+    """Generate ``n`` synthetic task items, the same ones for the same arguments.
+
+    Kinds are spread evenly (counts differ by at most one, order shuffled). Among the ``mc`` items the correct
+    letter position is assigned from a shuffled list holding each position ``n_mc // num_options`` or one more
+    times, so letter counts differ by at most one.
+
+    Args:
+        n: number of items, >= 1.
+        kinds: non-empty subset of ``("mc", "kv", "arith")`` (repeats allowed, they weight the mix).
+        seed: seed of the private ``random.Random`` (the global RNGs are not touched).
+        num_options: options per multiple-choice item, 2..8.
+        system: optional system turn put before every user turn.
+        exclude: items that must not be produced again (compared by kind and prompt), e.g. the training set
+            when building a held-out set; an excluded draw is redrawn with the same kind and letter position.
+    Returns:
+        list of :class:`Item`. Items may repeat within one call (the arithmetic space is finite).
+    Raises:
+        ValueError: bad ``n``/``kinds``/``num_options``, or ``exclude`` leaves too few distinct prompts.
+
+    Example:
+        >>> items = make_tasks(8, kinds=("mc",), seed=3)
+        >>> sorted(it.answer for it in items)
+        ['A', 'A', 'B', 'B', 'C', 'C', 'D', 'D']
+        >>> make_tasks(3, seed=1) == make_tasks(3, seed=1)
+        True
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)) or not kinds:
+        raise ValueError(f"kinds must be a non-empty tuple drawn from {KINDS}, got {kinds!r}")
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"kinds must only hold names from {KINDS}, got {k!r}")
+    if isinstance(num_options, bool) or not isinstance(num_options, int) or not 2 <= num_options <= MAX_OPTIONS:
+        raise ValueError(f"num_options must be an int in [2, {MAX_OPTIONS}], got {num_options!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a str or None, got {type(system).__name__}")
+    excluded = set()
+    for it in exclude:
+        if not isinstance(it, Item):
+            raise TypeError(f"exclude must hold Item objects, got {type(it).__name__}")
+        excluded.add(_key(it))
+    rng = random.Random(seed)
+    plan = [kinds[i % len(kinds)] for i in range(n)]
+    rng.shuffle(plan)
+    n_mc = plan.count("mc")
+    positions = [i % num_options for i in range(n_mc)]
+    rng.shuffle(positions)
+    items: List[Item] = []
+    for kind in plan:
+        pos = positions.pop() if kind == "mc" else 0
+        for _ in range(1000):
+            if kind == "mc":
+                item = _mc_item(rng, pos, num_options, system)
+            elif kind == "kv":
+                item = _kv_item(rng, system)
+            else:
+                item = _arith_item(rng, system)
+            if _key(item) not in excluded:
+                break
+        else:
+            raise ValueError(f"exclude holds {len(excluded)} items: could not draw a new {kind!r} item in 1000 tries")
+        items.append(item)
+    return items
+
+
+def write_jsonl(items: Sequence[Item], path) -> int:
+    """Write items as chat records ``{"messages": [... prompt turns ..., assistant answer]}``, one per line.
+
+    The file loads back with :func:`fastattn.distill.load_chat_jsonl` (stage-3 chat data).
+
+    Args:
+        items: the :class:`Item` list.
+        path: output file (str or PathLike); overwritten; its directory must exist.
+    Returns:
+        the number of records written.
+
+    Example:
+        >>> import tempfile, os
+        >>> from fastattn.distill import load_chat_jsonl
+        >>> p = os.path.join(tempfile.mkdtemp(), "chat.jsonl")
+        >>> write_jsonl(make_tasks(2, kinds=("arith",)), p)
+        2
+        >>> load_chat_jsonl(p)[0][-1]["role"]
+        'assistant'
+    """
+    items = _check_items(items)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    with open(os.fspath(path), "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps({"messages": it.chat()}, ensure_ascii=False) + "\n")
+    return len(items)
+
+
+def items_to_texts(items: Sequence[Item]) -> List[str]:
+    """Plain-text renderings for stage-1/2 text data: the message contents then the answer, one per line.
+
+    Example:
+        >>> items_to_texts([Item("arith", ({"role": "user", "content": "What is 2 + 3?"},), "5")])
+        ['What is 2 + 3?\\n5']
+    """
+    items = _check_items(items)
+    return ["\n".join([m["content"] for m in it.messages] + [it.answer]) for it in items]
+
+
+def _check_items(items) -> List[Item]:
+    if isinstance(items, Item) or not isinstance(items, (list, tuple)):
+        raise TypeError(f"items must be a list of Item, got {type(items).__name__}")
+    for i, it in enumerate(items):
+        if not isinstance(it, Item):
+            raise TypeError(f"items[{i}] must be an Item, got {type(it).__name__}")
+    return list(items)

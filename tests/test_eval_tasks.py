@@ -1,0 +1,193 @@
+"""fastattn.eval tasks + extraction: determinism, exact letter balance, answers consistent with prompts, jsonl round
+trip, answer extraction and exact match on hand cases."""
+import re
+from collections import Counter
+
+import pytest
+from hypothesis import given, strategies as st
+
+from fastattn.distill import ByteTokenizer, load_chat_jsonl, load_text_jsonl
+from fastattn.eval import (LETTERS, Item, exact_match, extract_answer, items_to_texts, make_tasks, normalize_text,
+                           write_jsonl)
+from fastattn.eval.tasks import CATEGORIES
+
+
+def _user(item):
+    return item.messages[-1]["content"]
+
+
+def test_deterministic_by_seed():
+    a, b = make_tasks(40, seed=7), make_tasks(40, seed=7)
+    assert a == b
+    assert a != make_tasks(40, seed=8)
+    assert Counter(it.kind for it in a) == Counter({"mc": 14, "kv": 13, "arith": 13})
+
+
+@given(n=st.integers(1, 60), num_options=st.integers(2, 8), seed=st.integers(0, 10_000),
+       kinds=st.sampled_from([("mc",), ("mc", "kv"), ("mc", "kv", "arith"), ("arith", "mc", "mc")]))
+def test_letter_and_kind_balance_exact(n, num_options, seed, kinds):
+    items = make_tasks(n, kinds=kinds, seed=seed, num_options=num_options)
+    assert len(items) == n
+    plan = Counter(kinds[i % len(kinds)] for i in range(n))
+    assert Counter(it.kind for it in items) == plan
+    mc = [it for it in items if it.kind == "mc"]
+    counts = Counter(it.answer for it in mc)
+    per_letter = [counts.get(c, 0) for c in LETTERS[:num_options]]
+    assert sum(per_letter) == len(mc)
+    assert max(per_letter) - min(per_letter) <= 1
+    assert all(len(it.options) == num_options for it in mc)
+
+
+def test_mc_answers_consistent_with_prompts():
+    items = make_tasks(120, kinds=("mc",), seed=3)
+    kinds_seen = set()
+    for it in items:
+        lines = _user(it).split("\n")
+        assert lines[-1] == "Answer with the letter."
+        shown = [re.fullmatch(r"([A-H])\. (.+)", line).groups() for line in lines[1:-1]]
+        assert [c for c, _ in shown] == list(it.letters)
+        assert tuple(o for _, o in shown) == it.options
+        assert len(set(it.options)) == len(it.options)
+        right = it.options[it.answer_index]
+        cat = re.fullmatch(r"Which of these is an? (\w+)\?", lines[0])
+        if cat:
+            kinds_seen.add(cat.group(1))
+            members = CATEGORIES[cat.group(1)]
+            assert right in members and not any(o in members for o in it.options if o != right)
+        else:
+            which = re.fullmatch(r"Which number is the (largest|smallest)\?", lines[0]).group(1)
+            kinds_seen.add(which)
+            nums = [int(o) for o in it.options]
+            assert int(right) == (max(nums) if which == "largest" else min(nums))
+    assert kinds_seen == set(CATEGORIES) | {"largest", "smallest"}
+
+
+def test_kv_and_arith_answers_consistent_with_prompts():
+    for it in make_tasks(150, kinds=("kv", "arith"), seed=11):
+        text = _user(it)
+        if it.kind == "arith":
+            a, op, b = re.search(r"(\d+) ([+-]) (\d+)", text).groups()
+            assert int(it.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert int(it.answer) >= 0
+        else:
+            *pairs, question = text.split("\n")
+            table = dict(p.split(": ") for p in pairs)
+            assert len(table) == len(pairs) == 3 and len(set(table.values())) == 3
+            key = re.fullmatch(r"What is the value of (\w+)\?", question).group(1)
+            assert table[key] == it.answer
+        assert normalize_text(it.answer) == it.answer
+
+
+def test_prompts_short_and_system_turn():
+    tok = ByteTokenizer()
+    items = make_tasks(90, seed=2, system="Be brief.")
+    assert all(it.messages[0] == {"role": "system", "content": "Be brief."} for it in items)
+    assert max(len(tok.encode(_user(it))) for it in make_tasks(300, seed=0)) < 120
+
+
+def test_jsonl_round_trip_and_texts(tmp_path):
+    items = make_tasks(9, seed=4, system="sys")
+    path = tmp_path / "chat.jsonl"
+    assert write_jsonl(items, path) == 9
+    assert load_chat_jsonl(path) == [it.chat() for it in items]
+    texts = items_to_texts(items)
+    assert all(t.startswith("sys\n" + _user(it)) and t.endswith("\n" + it.answer) for t, it in zip(texts, items))
+    with pytest.raises(ValueError):   # a chat jsonl is not a text jsonl
+        load_text_jsonl(path)
+
+
+def test_chat_ends_with_answer_and_does_not_alias():
+    it = make_tasks(1, kinds=("kv",), seed=0)[0]
+    chat = it.chat()
+    assert chat[-1] == {"role": "assistant", "content": it.answer}
+    chat[0]["content"] = "changed"
+    assert it.messages[0]["content"] != "changed"
+
+
+def test_exclude_gives_disjoint_balanced_set():
+    train = make_tasks(200, seed=0)
+    held = make_tasks(60, seed=1, exclude=train)
+    keys = {(it.kind, _user(it)) for it in train}
+    assert not any((it.kind, _user(it)) in keys for it in held)
+    counts = Counter(it.answer for it in held if it.kind == "mc")
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(n=0), ValueError, "n must be"),
+    (dict(n=3, kinds=()), ValueError, "kinds must be"),
+    (dict(n=3, kinds="mc"), ValueError, "kinds must be"),
+    (dict(n=3, kinds=("mc", "poem")), ValueError, "kinds must only"),
+    (dict(n=3, num_options=1), ValueError, "num_options"),
+    (dict(n=3, num_options=9), ValueError, "num_options"),
+    (dict(n=3, seed="x"), TypeError, "seed"),
+    (dict(n=3, exclude=[1]), TypeError, "exclude"),
+])
+def test_make_tasks_rejects_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        make_tasks(**kwargs)
+
+
+def test_item_validation():
+    user = ({"role": "user", "content": "q"},)
+    with pytest.raises(ValueError, match="answer must be one of the letters"):
+        Item("mc", user, "E", ("a", "b", "c", "d"))
+    with pytest.raises(ValueError, match="assistant turn"):
+        Item("x", user + ({"role": "assistant", "content": "a"},), "a")
+    with pytest.raises(ValueError, match="options must hold"):
+        Item("mc", user, "A", ("a",))
+    with pytest.raises(TypeError, match="answer must be"):
+        Item("x", user, "")
+    with pytest.raises(ValueError, match="answer_index"):
+        _ = Item("x", user, "a").answer_index
+    assert Item("x", list(user), "a").messages == user
+
+
+OPTS = ("cat", "pear", "red", "bus")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("B", "B"), ("B.", "B"), (" B\n", "B"), ("(B)", "B"), ("B) pear", "B"), ("B. pear", "B"),
+    ("The answer is B", "B"), ("answer: C", "C"), ("Answer (D)", "D"), ("I think B", "B"),
+    ("The answer is B, not A", "B"), ("pear", "B"), ("Pear.", "B"), ("D<|im_end|>A", "D"),
+    ("\n\nC\nA", "C"),
+    ("A or B", None), ("A B", None), ("AB", None), ("E", None), ("The answer is E", None), ("", None),
+    ("b", None), ("zzzz", None), ("<|im_end|>B", None), ("apple", None),
+])
+def test_extract_mc(text, expected):
+    assert extract_answer(text, OPTS) == expected
+
+
+def test_extract_mc_respects_option_count():
+    assert extract_answer("D", ("x", "y")) is None
+    assert extract_answer("D", ("x", "y", "z", "w")) == "D"
+    assert extract_answer("y", ("x", "y")) == "B"
+    assert extract_answer("same", ("same", "same")) is None   # text matches two options: ambiguous
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("42", "42"), (" 42.\nbecause", "42"), ("Blue", "blue"), ("  two   words ", "two words"),
+    ("\n\nplum<|im_end|>x", "plum"), ("", None), ("   \n ", None), ("<|endoftext|>7", None),
+])
+def test_extract_free_form(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="text must be a str"):
+        extract_answer(None)
+    with pytest.raises(TypeError, match="options must be"):
+        extract_answer("A", "ABCD")
+    with pytest.raises(ValueError, match="at most 8"):
+        extract_answer("A", tuple("abcdefghi"))
+
+
+def test_exact_match():
+    assert exact_match(["42", "Blue.", None, "7 "], ["42", "blue", "7", "8"]) == pytest.approx(0.5)
+    assert exact_match(["a"], ["a"]) == 1.0
+    with pytest.raises(ValueError, match="one entry per answer"):
+        exact_match(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="at least one"):
+        exact_match([], [])
+    with pytest.raises(TypeError, match=r"predictions\[0\]"):
+        exact_match([3], ["3"])
