@@ -104,22 +104,7 @@ class ByteTokenizer:
 
         Returns a :class:`RenderedChat` whose spans cover each assistant content plus its ``<im_end>``.
         """
-        _check_messages(messages)
-        ids: List[int] = []
-        spans: List[Tuple[int, int]] = []
-        for m in messages:
-            ids.append(self.im_start_id)
-            ids.extend(self.encode(m["role"] + "\n"))
-            start = len(ids)
-            ids.extend(self.encode(m["content"]))
-            ids.append(self.im_end_id)
-            if m["role"] == "assistant":
-                spans.append((start, len(ids)))
-            ids.extend(self.encode("\n"))
-        if add_generation_prompt:
-            ids.append(self.im_start_id)
-            ids.extend(self.encode("assistant\n"))
-        return RenderedChat(ids=tuple(ids), spans=tuple(spans))
+        return render_chatml(self, messages, add_generation_prompt)
 
 
 def _check_messages(messages, where: str = "messages") -> None:
@@ -133,6 +118,31 @@ def _check_messages(messages, where: str = "messages") -> None:
         if not isinstance(m.get("content"), str):
             raise TypeError(f"{where}[{i}]['content'] must be a str, got {type(m.get('content')).__name__}")
 
+
+
+def render_chatml(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> RenderedChat:
+    """ChatML rendering shared by the tokenizers: ``<im_start>role\\n{content}<im_end>\\n`` per message.
+
+    ``tokenizer`` needs ``encode``, ``im_start_id`` and ``im_end_id``; each piece is encoded on its own. The
+    returned spans cover each assistant content plus the ``<im_end>`` closing it.
+    """
+    _check_messages(messages)
+    ids: List[int] = []
+    spans: List[Tuple[int, int]] = []
+    newline = tokenizer.encode("\n")
+    for m in messages:
+        ids.append(tokenizer.im_start_id)
+        ids.extend(tokenizer.encode(m["role"] + "\n"))
+        start = len(ids)
+        ids.extend(tokenizer.encode(m["content"]))
+        ids.append(tokenizer.im_end_id)
+        if m["role"] == "assistant":
+            spans.append((start, len(ids)))
+        ids.extend(newline)
+    if add_generation_prompt:
+        ids.append(tokenizer.im_start_id)
+        ids.extend(tokenizer.encode("assistant\n"))
+    return RenderedChat(ids=tuple(ids), spans=tuple(spans))
 
 def _read_jsonl(path: str) -> Iterable[Tuple[int, dict]]:
     if not isinstance(path, (str, os.PathLike)):

@@ -8,9 +8,9 @@ end-of-turn token that closes each assistant span.
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
-from .data import RenderedChat, _check_messages
+from .data import RenderedChat, render_chatml
 
 __all__ = ["HFChatTokenizer", "load_hf_tokenizer"]
 
@@ -45,7 +45,6 @@ class HFChatTokenizer:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.vocab_size = len(tokenizer)
-        self._newline = self.encode("\n")
 
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text`` without special tokens."""
@@ -59,22 +58,7 @@ class HFChatTokenizer:
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> RenderedChat:
         """ChatML rendering; spans cover each assistant content plus its ``<|im_end|>``."""
-        _check_messages(messages)
-        ids: List[int] = []
-        spans: List[Tuple[int, int]] = []
-        for m in messages:
-            ids.append(self.im_start_id)
-            ids.extend(self.encode(m["role"] + "\n"))
-            start = len(ids)
-            ids.extend(self.encode(m["content"]))
-            ids.append(self.im_end_id)
-            if m["role"] == "assistant":
-                spans.append((start, len(ids)))
-            ids.extend(self._newline)
-        if add_generation_prompt:
-            ids.append(self.im_start_id)
-            ids.extend(self.encode("assistant\n"))
-        return RenderedChat(ids=tuple(ids), spans=tuple(spans))
+        return render_chatml(self, messages, add_generation_prompt)
 
 
 def load_hf_tokenizer(path) -> HFChatTokenizer:
