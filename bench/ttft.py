@@ -332,12 +332,22 @@ def write_json(path, device, baseline, rows):
                            else None, torch=torch.__version__, baseline=baseline, rows=rows), f, indent=2)
 
 
+def parse_models(text: str):
+    """'all', or a comma list of presets / 'baseline' / 'fla-hybrid'."""
+    allowed = ("all", "baseline") + PRESETS + ("fla-hybrid",)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"--model: expected a comma list of {', '.join(allowed)}, got {text!r}")
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ctx", type=parse_ctx, default=parse_ctx("8k,32k,128k"),
                    help="context lengths, comma-separated: 8k, 32k, 128k, 131072 ... (k = 1024)")
-    p.add_argument("--model", default="all", choices=("all", "baseline") + PRESETS + ("fla-hybrid",),
-                   help="one preset, the baseline, the fla hybrid, or all (default)")
+    p.add_argument("--model", default="all", type=parse_models,
+                   help="comma list of presets, 'baseline', 'fla-hybrid', or all (default), e.g. baseline,hybrid-kda")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--batch", type=int, default=1, help="prompts per prefill (default 1)")
     p.add_argument("--repeat", type=int, default=None, help="timed prefills per point (median; default 3, CPU 1)")
@@ -374,14 +384,12 @@ def main(argv=None):
 
     baseline = "transformers-sdpa" if have_transformers() else "attention"
     names = []
-    if args.model in ("all", "baseline"):
-        names.append(baseline)
-    if args.model == "all":
-        names += [m for m in PRESETS if m != baseline]
-        if have_fla():
-            names.append("fla-hybrid")
-    elif args.model not in ("baseline",):
-        names.append(args.model)
+    for m in args.model:
+        if m == "all":
+            names += [baseline] + [p for p in PRESETS if p != baseline] + (["fla-hybrid"] if have_fla() else [])
+        else:
+            names.append(baseline if m == "baseline" else m)
+    names = list(dict.fromkeys(names))
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
           f"batch {args.batch}, layers {shape['num_hidden_layers']}, models {names}, baseline {baseline}")
 

@@ -80,6 +80,18 @@ def test_chunk_extreme_gates(gate):
 
 @pytest.mark.interpret
 @needs_kernels
+def test_chunk_decay_across_the_diagonal_anchor_limit():
+    """Decays that cross DIAG_RANGE (chunk_intra.py) inside 16-row sub-blocks: a sub-block's early rows take the
+    anchored product, its later rows the pairwise fallback, in the same chunk; every row must match the oracle."""
+    x, kw = make_case(1, 64, 1, 1, 16, 16, torch.float32, gate="none", h0=True, seed=7)
+    with torch.no_grad():  # log2 decay 4.3 per step on even channels: the anchor limit 48 falls at row ~11
+        x["g"][..., ::2] = -3.0
+        x["g"][..., 1::2] = -0.05
+    check_against_oracle(fastattn.chunk_kda, x, kw, torch.float32)
+
+
+@pytest.mark.interpret
+@needs_kernels
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_chunk_causality_is_exact(chunk):
     """Changing tokens after position t changes no output before t, bit for bit."""

@@ -30,9 +30,9 @@ def seq_program(cu_seqlens, T, H: tl.constexpr, HV: tl.constexpr, IS_VARLEN: tl.
 @triton.jit
 def state_tile(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Offsets and masks of state tile i_v [BK, BV] (all K rows, columns i_v*BV...) of a row-major [K, V] state:
-    (o_k, o_v, m_k, m_v, m_kv, o_kv)."""
+    (o_k, o_v, m_k, m_v, m_kv, o_kv); int32 (a tile offset is below K*V), callers add int64 bases."""
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = (i_v * BV).to(tl.int32) + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
     return o_k, o_v, m_k, m_v, m_k[:, None] & m_v[None, :], o_k[:, None] * V + o_v[None, :]
@@ -134,3 +134,12 @@ def l2norm_bwd(x, rstd, dy):
     """Backward of y = x * rstd[:, None] for 2-D blocks: dx = rstd * (dy - y * sum(dy * y))."""
     y = x * rstd[:, None]
     return rstd[:, None] * (dy - y * tl.sum(dy * y, axis=1)[:, None])
+
+
+@triton.jit
+def row_tile(base, o_t, m_t, stride: tl.constexpr, c0, NCOL: tl.constexpr, BCOL: tl.constexpr):
+    """Pointers and mask of the [len(o_t), BCOL] tile at rows o_t, columns c0 ... of a row-major matrix with
+    row stride `stride` and NCOL columns starting at `base` (a scalar pointer carrying every int64 offset);
+    the in-tile offsets stay int32, which keeps the pointer tiles out of extra registers."""
+    o_c = c0 + tl.arange(0, BCOL)
+    return base + (o_t[:, None] * stride + o_c[None, :]), m_t[:, None] & (o_c < NCOL)[None, :]

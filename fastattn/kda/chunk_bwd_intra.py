@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._common import chunk_program, gate_bwd, l2norm_bwd, load_beta, load_gate_params
-from .chunk_fwd import load_chunk
+from .chunk_bwd_state import load_chunk
 
 
 @triton.jit

@@ -8,9 +8,16 @@ from .chunk_bwd_intra import kda_intra_bwd_kernel
 from .chunk_bwd_state import kda_state_bwd_kernel
 from .chunk_fwd import kda_state_fwd_kernel
 from .chunk_intra import kda_intra_fwd_kernel
+from .chunk_wy import kda_wy_fwd_kernel
 from .options import KDAOptions
 
 SUB_CHUNK = 16
+# launch settings of the forward stages, from a sweep on an H200 (triton 3.6, bf16, B8 T4096 and B1 T65536):
+# 4 warps everywhere (two programs per SM hide each other's dependent-product latency: 1a 2.43 -> 1.21 ms,
+# 1b 1.26 -> 0.72 ms at B8 T4096); the state pass software-pipelines its loads two deep.
+INTRA_LAUNCH = dict(num_warps=4, num_stages=1)
+WY_LAUNCH = dict(num_warps=4, num_stages=1)
+STATE_FWD_LAUNCH = dict(num_warps=4, num_stages=2)
 # Above this head dim the chunk-local backward's [chunk, K] fp32 tiles overflow Hopper's shared memory at
 # 64-row chunks (290 KB > 227 KB at K = 256, ptxas sm_90a): such heads run with 32-row chunks.
 WIDE_HEAD = 128
@@ -54,8 +61,22 @@ def _gate_flags(A_log, dt_bias, opts: KDAOptions):
                 HAS_LB=opts.has_lower_bound, LB=opts.lower_bound if opts.has_lower_bound else 0.0)
 
 
-def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOptions):
-    """Forward: returns (o, final_state or None, saved) with saved = (Gc, Aqk, Tinv, rstd, h)."""
+def _inverse_precision(dtype) -> str:
+    """(I + L)^-1 products: tf32 under bf16 (its 8-bit storage dominates), tf32x3 under fp16, exact in fp32."""
+    return {torch.float32: "ieee", torch.float16: "tf32x3"}.get(dtype, "tf32")
+
+
+def _state_tile(programs: int, V: int, device) -> int:
+    """V tile of the sequential forward pass: 64 (fewest redundant loads of W, qg, kd) when that still gives
+    every SM a program, else 32 (measured 2.14 ms at B1 T65536 H16 against 2.27 ms for 16)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    bv = 64 if programs * triton.cdiv(V, 64) >= sms else 32
+    return min(bv, max(16, triton.next_power_of_2(V)))
+
+
+def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOptions, save: bool = True):
+    """Forward: returns (o, final_state or None, saved) with saved = (Gc, Aqk, Tinv, rstd, h); without
+    `save` (no backward will follow) Tinv and h are empty and never written."""
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     BT = effective_chunk(opts.chunk_size, K)
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
@@ -63,23 +84,31 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     f32 = dict(device=q.device, dtype=torch.float32)
     Gc = torch.empty(B, T, HV, K, **f32)
     Aqk = torch.empty(B, T, HV, BT, **f32)
-    Tinv = torch.empty(B, T, HV, BT, **f32)
+    Tinv = torch.empty(B, T, HV, BT, **f32)  # L from stage 1a, (I + L)^-1 after stage 1b when saved
     rstd = torch.empty(2, B, T, HV, **f32) if opts.use_qk_l2norm else torch.empty(2, 1, **f32)
-    BKi = min(BK, 64)
+    # the state pass's factors, in the input dtype (fp32 stays fp32)
+    w, qg, kd = (torch.empty(B, T, HV, K, device=q.device, dtype=q.dtype) for _ in range(3))
+    u = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
+    BKi = min(BK, 32)  # 64 spills at BT=64 (ptxas sm_90a, 8 warps)
     kda_intra_fwd_kernel[(NT, HV)](
         q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd[0], rstd[1], cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
-        **_gate_flags(A_log, dt_bias, opts), num_warps=8, num_stages=1)
+        **_gate_flags(A_log, dt_bias, opts), **INTRA_LAUNCH)
+    kda_wy_fwd_kernel[(NT, HV)](
+        q, k, v, beta, Gc, Tinv, rstd[0], rstd[1], w, u, qg, kd, cu, idx, opts.scale, T,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))),
+        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, SAVE_T=save, DOT_PREC=prec,
+        INV_PREC=_inverse_precision(q.dtype), **WY_LAUNCH)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
-    h = torch.empty(NT, HV, K, V, **f32)
+    h = torch.empty(NT, HV, K, V, **f32) if save else torch.empty(0, **f32)
     ht = torch.empty(N, HV, K, V, **f32) if opts.output_final_state else None
-    kda_state_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, v, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], h0, o, h, ht, cu, offsets, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_L2NORM=opts.use_qk_l2norm,
-        USE_SIGMOID=opts.use_beta_sigmoid, USE_H0=h0 is not None, STORE_HT=ht is not None, DOT_PREC=prec,
-        num_warps=8, num_stages=1)
-    return o, ht, (Gc, Aqk, Tinv, rstd, h)
+    BVs = _state_tile(N * HV, V, q.device)
+    kda_state_fwd_kernel[(triton.cdiv(V, BVs), N * HV)](
+        w, u, qg, kd, Aqk, Gc, h0, o, h, ht, cu, offsets, T,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BVs, USE_H0=h0 is not None, STORE_H=save,
+        STORE_HT=ht is not None, DOT_PREC=prec, **STATE_FWD_LAUNCH)
+    return o, ht, (Gc, Aqk, Tinv if save else torch.empty(0, **f32), rstd, h)
 
 
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, dht, opts: KDAOptions):

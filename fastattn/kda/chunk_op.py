@@ -23,16 +23,16 @@ def kda_chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                      A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                      initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                      scale: float, use_qk_l2norm: bool, use_gate: bool, use_beta_sigmoid: bool,
-                     lower_bound: Optional[float], output_final_state: bool, chunk_size: int
+                     lower_bound: Optional[float], output_final_state: bool, chunk_size: int, save: bool
                      ) -> List[torch.Tensor]:
     opts = _opts(scale, use_qk_l2norm, use_gate, use_beta_sigmoid, lower_bound, output_final_state, chunk_size)
-    o, ht, saved = chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts)
+    o, ht, saved = chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts, save)
     return [o, ht if ht is not None else _empty(q).float(), *saved]
 
 
 @kda_chunk_fwd_op.register_fake
 def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, use_qk_l2norm, use_gate,
-      use_beta_sigmoid, lower_bound, output_final_state, chunk_size):
+      use_beta_sigmoid, lower_bound, output_final_state, chunk_size, save):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -42,8 +42,10 @@ def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, use_qk
     f32 = dict(device=q.device, dtype=torch.float32)
     ht = q.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
     rstd = q.new_empty(2, B, T, HV, **f32) if use_qk_l2norm else q.new_empty(2, 1, **f32)
+    Tinv = q.new_empty(B, T, HV, chunk_size, **f32) if save else q.new_empty(0, **f32)
+    h = q.new_empty(NT, HV, K, V, **f32) if save else q.new_empty(0, **f32)
     return [v.new_empty(B, T, HV, V), ht, q.new_empty(B, T, HV, K, **f32), q.new_empty(B, T, HV, chunk_size, **f32),
-            q.new_empty(B, T, HV, chunk_size, **f32), rstd, q.new_empty(NT, HV, K, V, **f32)]
+            Tinv, rstd, h]
 
 
 @torch.library.custom_op("fastattn::kda_chunk_bwd", mutates_args=())
@@ -69,7 +71,7 @@ def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, Gc, Aqk, Tinv
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, g, beta, A_log, dt_bias, h0, cu, scale, l2, gate, sig, lb, out_ht, bt) = inputs
+    (q, k, v, g, beta, A_log, dt_bias, h0, cu, scale, l2, gate, sig, lb, out_ht, bt, _save) = inputs
     ctx.opts = _opts(scale, l2, gate, sig, lb, out_ht, bt)
     ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, h0, cu, *output[2:])
 
@@ -86,7 +88,7 @@ def _backward(ctx, grads):
         q, k, v, g, beta, A_log, dt_bias, h0, cu, Gc, Aqk, Tinv, rstd, h, do, dht,
         opts.scale, opts.use_qk_l2norm, opts.use_gate, opts.use_beta_sigmoid, opts.lower_bound, opts.chunk_size)
     return (dq, dk, dv, dg, dbeta, dA if A_log is not None else None, dbias if dt_bias is not None else None,
-            dh0 if h0 is not None else None, None, None, None, None, None, None, None, None)
+            dh0 if h0 is not None else None, None, None, None, None, None, None, None, None, None)
 
 
 kda_chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -94,8 +96,11 @@ kda_chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def chunk_kda_triton(q, k, v, g, beta, *, opts: KDAOptions, initial_state=None, A_log=None, dt_bias=None,
                      cu_seqlens=None):
-    """Run the chunked Triton kernels through the registered op; returns (o, final_state or None)."""
+    """Run the chunked Triton kernels through the registered op; returns (o, final_state or None).
+    The forward keeps what the backward needs only when a gradient can flow (inference skips those writes)."""
+    tensors = (q, k, v, g, beta, initial_state, A_log, dt_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out = kda_chunk_fwd_op(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts.scale,
                            opts.use_qk_l2norm, opts.use_gate, opts.use_beta_sigmoid, opts.lower_bound,
-                           opts.output_final_state, opts.chunk_size)
+                           opts.output_final_state, opts.chunk_size, save)
     return out[0], (out[1] if opts.output_final_state else None)
