@@ -143,3 +143,24 @@ def row_tile(base, o_t, m_t, stride: tl.constexpr, c0, NCOL: tl.constexpr, BCOL:
     the in-tile offsets stay int32, which keeps the pointer tiles out of extra registers."""
     o_c = c0 + tl.arange(0, BCOL)
     return base + (o_t[:, None] * stride + o_c[None, :]), m_t[:, None] & (o_c < NCOL)[None, :]
+
+
+@triton.jit
+def load_pass_chunk(w, qg, kd, Aqk, Gc, bos, seq_len, i_c, i_hv, o_t, o_k, m_k, HV: tl.constexpr, K: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr):
+    """Operands of chunk i_c in the two sequential state passes, in their stored dtypes:
+    (row = first token, m_t, W, qg, kd [BT, BK], Aqk [BT, BT], G_last [BK])."""
+    row = bos + i_c * BT
+    m_t = (i_c * BT + o_t) < seq_len
+    last = bos + tl.minimum(i_c * BT + BT, seq_len) - 1
+    x_b = row * HV * K + i_hv * K
+    p_x, m_tk = row_tile(w + x_b, o_t, m_t, HV * K, 0, K, BK)
+    b_w = tl.load(p_x, mask=m_tk, other=0.)
+    p_x, m_tk = row_tile(qg + x_b, o_t, m_t, HV * K, 0, K, BK)
+    b_q = tl.load(p_x, mask=m_tk, other=0.)
+    p_x, m_tk = row_tile(kd + x_b, o_t, m_t, HV * K, 0, K, BK)
+    b_kd = tl.load(p_x, mask=m_tk, other=0.)
+    p_a, m_a = row_tile(Aqk + row * HV * BT + i_hv * BT, o_t, m_t, HV * BT, 0, BT, BT)
+    b_A = tl.load(p_a, mask=m_a, other=0.)
+    b_gl = tl.load(Gc + (last * HV + i_hv) * K + o_k, mask=m_k, other=0.)
+    return row, m_t, b_w, b_q, b_kd, b_A, b_gl

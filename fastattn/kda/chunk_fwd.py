@@ -4,12 +4,12 @@ Per chunk, with S the state entering it and the stage-1 factors W, U, qg, kd, Aq
 Vn = U - W S, O = qg S + Aqk Vn, S <- 2^(G_last) * S + kd^T Vn (all decays <= 1).
 Grid (V tiles, N*HV), a loop over the chunks of one sequence; operands in the stage-1 dtype, fp32 state.
 Reads w, u, qg, kd, Aqk, Gc (last row), h0. Writes o, the final state and (for the backward) the state
-entering every chunk h [NT, HV, K, V].
+entering every chunk h [NT, HV, K, V] (in the input dtype).
 """
 import triton
 import triton.language as tl
 
-from ._common import load_state, row_tile, seq_program, state_tile
+from ._common import load_pass_chunk, load_state, row_tile, seq_program, state_tile
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -25,22 +25,11 @@ def kda_state_fwd_kernel(w, u, qg, kd, Aqk, Gc, h0, o, h, ht, cu_seqlens, chunk_
     o_t = tl.arange(0, BT)
     for i_c in range(0, tl.cdiv(seq_len, BT)):
         if STORE_H:
-            tl.store(h + ((boh + i_c) * HV + i_hv) * K * V + o_kv, b_h, mask=m_kv)
-        row = bos + i_c * BT                      # first token of the chunk (int64 bases, int32 tiles)
-        m_t = (i_c * BT + o_t) < seq_len
-        last = bos + tl.minimum(i_c * BT + BT, seq_len) - 1
-        x_b = row * HV * K + i_hv * K
-        p_x, m_tk = row_tile(w + x_b, o_t, m_t, HV * K, 0, K, BK)
-        b_w = tl.load(p_x, mask=m_tk, other=0.)
-        p_x, m_tk = row_tile(qg + x_b, o_t, m_t, HV * K, 0, K, BK)
-        b_q = tl.load(p_x, mask=m_tk, other=0.)
-        p_x, m_tk = row_tile(kd + x_b, o_t, m_t, HV * K, 0, K, BK)
-        b_kd = tl.load(p_x, mask=m_tk, other=0.)
+            tl.store(h + ((boh + i_c) * HV + i_hv) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        row, m_t, b_w, b_q, b_kd, b_A, b_gl = load_pass_chunk(w, qg, kd, Aqk, Gc, bos, seq_len, i_c, i_hv, o_t, o_k,
+                                                              m_k, HV, K, BT, BK)
         p_u, m_tv = row_tile(u + row * HV * V + i_hv * V, o_t, m_t, HV * V, i_v * BV, V, BV)
         b_u = tl.load(p_u, mask=m_tv, other=0.).to(tl.float32)
-        p_a, m_a = row_tile(Aqk + row * HV * BT + i_hv * BT, o_t, m_t, HV * BT, 0, BT, BT)
-        b_A = tl.load(p_a, mask=m_a, other=0.)
-        b_gl = tl.load(Gc + (last * HV + i_hv) * K + o_k, mask=m_k, other=0.)
 
         b_hs = b_h.to(st)
         b_vn = (b_u - tl.dot(b_w, b_hs, input_precision=DOT_PREC)).to(st)

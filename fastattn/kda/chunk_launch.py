@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 import triton
 
+from .chunk_bwd_dv import kda_dv_bwd_kernel
+from .chunk_bwd_finish import kda_finish_bwd_kernel
 from .chunk_bwd_intra import kda_intra_bwd_kernel
 from .chunk_bwd_state import kda_state_bwd_kernel
 from .chunk_fwd import kda_state_fwd_kernel
@@ -18,8 +20,14 @@ SUB_CHUNK = 16
 INTRA_LAUNCH = dict(num_warps=4, num_stages=1)
 WY_LAUNCH = dict(num_warps=4, num_stages=1)
 STATE_FWD_LAUNCH = dict(num_warps=4, num_stages=2)
-# Above this head dim the chunk-local backward's [chunk, K] fp32 tiles overflow Hopper's shared memory at
-# 64-row chunks (290 KB > 227 KB at K = 256, ptxas sm_90a): such heads run with 32-row chunks.
+# backward stages: state pass, dv / dAqk / dL per chunk, per-channel gradients per K tile, row-wise finish
+STATE_BWD_LAUNCH = dict(num_warps=4, num_stages=2)
+DV_BWD_LAUNCH = dict(num_warps=8, num_stages=1)
+INTRA_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
+FINISH_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
+DV_BWD_TILE = 64
+# Above this head dim the [chunk, K] tiles of stage 2 of the backward overflow Hopper's shared memory at
+# 64-row chunks: such heads run with 32-row chunks.
 WIDE_HEAD = 128
 
 
@@ -66,12 +74,36 @@ def _inverse_precision(dtype) -> str:
     return {torch.float32: "ieee", torch.float16: "tf32x3"}.get(dtype, "tf32")
 
 
+def _state_dtype(dtype):
+    """Storage of the saved per-chunk states h and of every backward intermediate (recomputed WY factors, Vn, dVn,
+    dh): bf16 under bf16 inputs (the products that read them run in bf16, as in the forward), fp32 otherwise.
+    fp16 keeps fp32 because its tighter tolerance does not survive 16-bit intermediates in sums over the whole
+    sequence: on an H200, fp16 intermediates gave ddt_bias 1.11e-2 against the 1.0e-2 bound (GPU test
+    B1-T3000-H4-K100-V72-lb-varlen), while every bf16 gradient stayed within 3.4e-3 (dt_bias 1.2e-2 of 2e-2)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def _state_tile(programs: int, V: int, device) -> int:
     """V tile of the sequential forward pass: 64 (fewest redundant loads of W, qg, kd) when that still gives
     every SM a program, else 32 (measured 2.14 ms at B1 T65536 H16 against 2.27 ms for 16)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     bv = 64 if programs * triton.cdiv(V, 64) >= sms else 32
     return min(bv, max(16, triton.next_power_of_2(V)))
+
+
+def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions, BT: int, invert: bool, save: bool):
+    """Stage 1b: write outs = (w, u, qg, kd, kg), skipping the None ones (w, qg, kd always present). With
+    `invert`, T_or_L holds L and becomes Tinv when `save`; without it, it already holds Tinv (backward)."""
+    B, T, H, K, HV, V, BK, _, prec = _dims(q, v, opts)
+    w, u, qg, kd, kg = outs
+    NT = idx.shape[0]
+    kda_wy_fwd_kernel[(NT, HV)](
+        q, k, v, beta, Gc, T_or_L, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
+        kg if kg is not None else w, cu, idx, opts.scale, T,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))),
+        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, INVERT=invert, SAVE_T=save,
+        STORE_U=u is not None, STORE_KG=kg is not None, DOT_PREC=prec, INV_PREC=_inverse_precision(q.dtype),
+        **WY_LAUNCH)
 
 
 def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOptions, save: bool = True):
@@ -95,13 +127,9 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
         H=H, HV=HV, K=K, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
         **_gate_flags(A_log, dt_bias, opts), **INTRA_LAUNCH)
-    kda_wy_fwd_kernel[(NT, HV)](
-        q, k, v, beta, Gc, Tinv, rstd[0], rstd[1], w, u, qg, kd, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))),
-        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, SAVE_T=save, DOT_PREC=prec,
-        INV_PREC=_inverse_precision(q.dtype), **WY_LAUNCH)
+    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, u, qg, kd, None), cu, idx, opts, BT, invert=True, save=save)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
-    h = torch.empty(NT, HV, K, V, **f32) if save else torch.empty(0, **f32)
+    h = torch.empty(NT, HV, K, V, device=q.device, dtype=_state_dtype(q.dtype)) if save else torch.empty(0, **f32)
     ht = torch.empty(N, HV, K, V, **f32) if opts.output_final_state else None
     BVs = _state_tile(N * HV, V, q.device)
     kda_state_fwd_kernel[(triton.cdiv(V, BVs), N * HV)](
@@ -113,37 +141,60 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
 
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, dht, opts: KDAOptions):
     """Backward: returns (dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0); entries are None where the
-    matching input is None."""
-    B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
+    matching input is None. Recomputes the WY factors (stage 1b without the inversion), then runs the four
+    backward stages; each intermediate is released as soon as its last reader has been launched."""
+    B, T, H, K, HV, V, BK, _, prec = _dims(q, v, opts)
     BT = effective_chunk(opts.chunk_size, K)
     Gc, Aqk, Tinv, rstd, h = saved
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
     N = cu.numel() - 1
     f32 = dict(device=q.device, dtype=torch.float32)
-    dh = torch.empty(NT, HV, K, V, **f32)
+    fac = dict(device=q.device, dtype=_state_dtype(q.dtype))
+    w, qg, kd, kg = (torch.empty(B, T, HV, K, **fac) for _ in range(4))
+    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, None, qg, kd, kg), cu, idx, opts, BT, invert=False, save=False)
+
+    dh = torch.empty(NT, HV, K, V, **fac)
     dh0 = torch.empty(N, HV, K, V, **f32) if h0 is not None else None
-    kda_state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], do, dht, dh, dh0, cu, offsets, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_L2NORM=opts.use_qk_l2norm,
-        USE_SIGMOID=opts.use_beta_sigmoid, USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec,
-        num_warps=8, num_stages=1)
-    gva = HV != H
-    dq = torch.empty(B, T, HV, K, **f32) if gva else torch.empty_like(q)
-    dk = torch.empty(B, T, HV, K, **f32) if gva else torch.empty_like(k)
+    BVs = _state_tile(N * HV, V, q.device)
+    kda_state_bwd_kernel[(triton.cdiv(V, BVs), N * HV)](
+        w, qg, kd, Aqk, Gc, do, dht, dh, dh0, cu, offsets, T, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BVs,
+        USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec, **STATE_BWD_LAUNCH)
+    del w, qg
+
+    BV = min(64, max(16, triton.next_power_of_2(V)))
     dv = torch.empty_like(v)
+    vn, dvn = (torch.empty(B, T, HV, V, **fac) for _ in range(2))
+    dAqk, dL = (torch.empty(B, T, HV, BT, **f32) for _ in range(2))
+    dbeta_t = torch.empty(B, T, HV, **f32)
+    kda_dv_bwd_kernel[(NT, HV)](
+        v, kg, kd, Aqk, Tinv, beta, h, dh, do, dv, vn, dvn, dAqk, dL, dbeta_t, cu, idx, offsets, T,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=min(BV, DV_BWD_TILE),
+        USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
+        **DV_BWD_LAUNCH)
+    del kg, kd
+
+    BKt = min(BK, 32)
+    NK = triton.cdiv(K, BKt)
+    dqn, dkn = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
     dg = torch.empty(B, T, HV, K, device=q.device, dtype=g.dtype)
-    dbeta = torch.empty(B, T, HV, device=q.device, dtype=beta.dtype)
-    dA = torch.empty(NT, HV, **f32) if A_log is not None else None
+    dbeta_k = torch.empty(B, T, HV, NK, **f32)
+    dA = torch.empty(NT, HV, NK, **f32) if A_log is not None else None
     dbias = torch.empty(NT, HV, K, **f32) if dt_bias is not None else None
-    kda_intra_bwd_kernel[(NT, HV)](
-        q, k, v, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd[0], rstd[1], h, dh, do,
-        dq, dk, dv, dg, dbeta, dA, dbias, cu, idx, offsets, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=min(SUB_CHUNK, BT), BK=BK, BV=16,
+    kda_intra_bwd_kernel[(NT, HV, NK)](
+        q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
+        dqn, dkn, dg, dbeta_k, dA, dbias, cu, idx, offsets, opts.scale, T,
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKt, BV=BV, NK=NK,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
-        **_gate_flags(A_log, dt_bias, opts), num_warps=8, num_stages=1)
-    if gva:
-        dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
-        dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
-    dA_log = dA.sum(0) if dA is not None else None
+        **_gate_flags(A_log, dt_bias, opts), **INTRA_BWD_LAUNCH)
+    del vn, dvn, dAqk, dL, dh
+
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dbeta = torch.empty(B, T, HV, device=q.device, dtype=beta.dtype)
+    BR = 32
+    kda_finish_bwd_kernel[(triton.cdiv(B * T, BR), H)](
+        q, k, beta, rstd[0], rstd[1], dqn, dkn, dbeta_t, dbeta_k, dq, dk, dbeta, B * T,
+        H=H, HV=HV, K=K, BR=BR, BK=BK, NK=NK, USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid,
+        **FINISH_BWD_LAUNCH)
+    dA_log = dA.sum((0, 2)) if dA is not None else None
     ddt_bias = dbias.sum(0) if dbias is not None else None
     return dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0

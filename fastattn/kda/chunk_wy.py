@@ -3,8 +3,9 @@
 Tinv = (I + L)^-1 by recursive block inversion: with D the inverse of the s-row diagonal blocks, the 2s-row
 blocks [[A, 0], [B, C]] have inverse D - D B D (s = 1, 2, 4, ... : log2(BT) levels of two tensor-core products).
 Tb = Tinv diag(beta); W = Tb (k 2^G), U = Tb v, qg = scale q 2^G, kd = k 2^(G_last - G) (all exponents <= 0).
-Grid (chunks, HV). Reads L (from stage 1a, overwritten in place by Tinv when SAVE_T), q, k, v, beta, Gc, rstd.
-Writes w, qg, kd [T, HV, K] and u [T, HV, V] in the input dtype.
+Grid (chunks, HV). Reads L (from stage 1a, overwritten in place by Tinv when SAVE_T; already Tinv without
+INVERT, as when the backward recomputes the factors), q, k, v, beta, Gc, rstd.
+Writes w, qg, kd [T, HV, K], u [T, HV, V] when STORE_U and kg = k 2^G when STORE_KG, in the input dtype.
 """
 import triton
 import triton.language as tl
@@ -13,26 +14,30 @@ from ._common import chunk_program, load_beta, row_tile
 
 
 @triton.jit(do_not_specialize=["T"])
-def kda_wy_fwd_kernel(q, k, v, beta, Gc, L, rstd_q, rstd_k, w, u, qg, kd, cu_seqlens, chunk_indices, scale, T,
+def kda_wy_fwd_kernel(q, k, v, beta, Gc, L, rstd_q, rstd_k, w, u, qg, kd, kg, cu_seqlens, chunk_indices, scale, T,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr,
-                      SAVE_T: tl.constexpr, DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
+                      INVERT: tl.constexpr, SAVE_T: tl.constexpr, STORE_U: tl.constexpr, STORE_KG: tl.constexpr,
+                      DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
     i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_program(chunk_indices, cu_seqlens, H, HV, BT)
     o_t = tl.arange(0, BT)
     row = bos + i_c * BT                           # first token of the chunk (int64 bases, int32 tiles)
     p_a, m_a = row_tile(L + row * HV * BT + i_hv * BT, o_t, m_t, HV * BT, 0, BT, BT)
     b_L = tl.load(p_a, mask=m_a, other=0.)
 
-    b_D = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
-    for i_l in tl.static_range(0, 8):
-        if (1 << i_l) < BT:
-            s = 1 << i_l
-            # B: rows of the lower s-block, columns of the upper s-block, inside each 2s-block
-            m_s = ((o_t // (2 * s))[:, None] == (o_t // (2 * s))[None, :]) & ((o_t // s) % 2 == 1)[:, None]
-            b_B = tl.where(m_s & ((o_t // s) % 2 == 0)[None, :], b_L, 0.)
-            b_D = b_D - tl.dot(b_D, tl.dot(b_B, b_D, input_precision=INV_PREC), input_precision=INV_PREC)
-    if SAVE_T:
-        tl.store(p_a, b_D, mask=m_a)
+    if INVERT:
+        b_D = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
+        for i_l in tl.static_range(0, 8):
+            if (1 << i_l) < BT:
+                s = 1 << i_l
+                # B: rows of the lower s-block, columns of the upper s-block, inside each 2s-block
+                m_s = ((o_t // (2 * s))[:, None] == (o_t // (2 * s))[None, :]) & ((o_t // s) % 2 == 1)[:, None]
+                b_B = tl.where(m_s & ((o_t // s) % 2 == 0)[None, :], b_L, 0.)
+                b_D = b_D - tl.dot(b_D, tl.dot(b_B, b_D, input_precision=INV_PREC), input_precision=INV_PREC)
+        if SAVE_T:
+            tl.store(p_a, b_D, mask=m_a)
+    else:
+        b_D = b_L
 
     b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
     if USE_L2NORM:
@@ -57,14 +62,18 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, L, rstd_q, rstd_k, w, u, qg, kd, cu_seq
         b_gl = tl.load(Gc + (last * HV + i_hv) * K + o_k, mask=o_k < K, other=0.)
         b_eg = tl.exp2(b_G)
         b_w = tl.dot(b_Tb, b_k * b_eg, input_precision=DOT_PREC)
+        if STORE_KG:
+            p_x, m = row_tile(kg + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
+            tl.store(p_x, (b_k * b_eg).to(kg.dtype.element_ty), mask=m)
         p_x, m = row_tile(w + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         tl.store(p_x, b_w.to(w.dtype.element_ty), mask=m)
         p_x, m = row_tile(qg + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         tl.store(p_x, (b_q * b_eg * scale).to(qg.dtype.element_ty), mask=m)
         p_x, m = row_tile(kd + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         tl.store(p_x, (b_k * tl.exp2(tl.minimum(b_gl[None, :] - b_G, 0.))).to(kd.dtype.element_ty), mask=m)
-    for i_v in range(tl.cdiv(V, BV)):
-        p_v, m = row_tile(v + row * HV * V + i_hv * V, o_t, m_t, HV * V, i_v * BV, V, BV)
-        b_u = tl.dot(b_Tb, tl.load(p_v, mask=m, other=0.).to(tl.float32), input_precision=DOT_PREC)
-        p_u, m = row_tile(u + row * HV * V + i_hv * V, o_t, m_t, HV * V, i_v * BV, V, BV)
-        tl.store(p_u, b_u.to(u.dtype.element_ty), mask=m)
+    if STORE_U:
+        for i_v in range(tl.cdiv(V, BV)):
+            p_v, m = row_tile(v + row * HV * V + i_hv * V, o_t, m_t, HV * V, i_v * BV, V, BV)
+            b_u = tl.dot(b_Tb, tl.load(p_v, mask=m, other=0.).to(tl.float32), input_precision=DOT_PREC)
+            p_u, m = row_tile(u + row * HV * V + i_hv * V, o_t, m_t, HV * V, i_v * BV, V, BV)
+            tl.store(p_u, b_u.to(u.dtype.element_ty), mask=m)
