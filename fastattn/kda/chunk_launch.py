@@ -74,7 +74,7 @@ def _inverse_precision(dtype) -> str:
     return {torch.float32: "ieee", torch.float16: "tf32x3"}.get(dtype, "tf32")
 
 
-def _state_dtype(dtype):
+def state_dtype(dtype):
     """Storage of the saved per-chunk states h and of every backward intermediate (recomputed WY factors, Vn, dVn,
     dh): bf16 under bf16 inputs (the products that read them run in bf16, as in the forward), fp32 otherwise.
     fp16 keeps fp32 because its tighter tolerance does not survive 16-bit intermediates in sums over the whole
@@ -129,7 +129,7 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
         **_gate_flags(A_log, dt_bias, opts), **INTRA_LAUNCH)
     _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, u, qg, kd, None), cu, idx, opts, BT, invert=True, save=save)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
-    h = torch.empty(NT, HV, K, V, device=q.device, dtype=_state_dtype(q.dtype)) if save else torch.empty(0, **f32)
+    h = torch.empty(NT, HV, K, V, device=q.device, dtype=state_dtype(q.dtype)) if save else torch.empty(0, **f32)
     ht = torch.empty(N, HV, K, V, **f32) if opts.output_final_state else None
     BVs = _state_tile(N * HV, V, q.device)
     kda_state_fwd_kernel[(triton.cdiv(V, BVs), N * HV)](
@@ -149,7 +149,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
     N = cu.numel() - 1
     f32 = dict(device=q.device, dtype=torch.float32)
-    fac = dict(device=q.device, dtype=_state_dtype(q.dtype))
+    fac = dict(device=q.device, dtype=state_dtype(q.dtype))
     w, qg, kd, kg = (torch.empty(B, T, HV, K, **fac) for _ in range(4))
     _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, None, qg, kd, kg), cu, idx, opts, BT, invert=False, save=False)
 

@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import torch
 
-from .chunk_launch import _state_dtype, chunk_kda_bwd, chunk_kda_fwd, effective_chunk
+from .chunk_launch import state_dtype, chunk_kda_bwd, chunk_kda_fwd, effective_chunk
 from .options import KDAOptions
 
 
@@ -43,7 +43,7 @@ def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, use_qk
     ht = q.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
     rstd = q.new_empty(2, B, T, HV, **f32) if use_qk_l2norm else q.new_empty(2, 1, **f32)
     Tinv = q.new_empty(B, T, HV, chunk_size, **f32) if save else q.new_empty(0, **f32)
-    h = q.new_empty(NT, HV, K, V, dtype=_state_dtype(q.dtype)) if save else q.new_empty(0, **f32)
+    h = q.new_empty(NT, HV, K, V, dtype=state_dtype(q.dtype)) if save else q.new_empty(0, **f32)
     return [v.new_empty(B, T, HV, V), ht, q.new_empty(B, T, HV, K, **f32), q.new_empty(B, T, HV, chunk_size, **f32),
             Tinv, rstd, h]
 
