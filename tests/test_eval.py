@@ -151,6 +151,16 @@ def test_format_report_table_layout():
     assert [line.split()[0] for line in lines[2:]] == list(reports)
     assert lines[2].split()[2:6] == ["1.000", "1.000", "1.000", "+0.000"]
     assert lines[4].split()[2] == "-"
+    wide = format_report_table(reports, extra={"kl": {"teacher": "0.0000", "free-only": "1.5"}},
+                               kinds=("mc", "kv", "arith")).splitlines()
+    assert wide[0].split()[-4:] == ["kl", "mc", "kv", "arith"] and len({len(line) for line in wide}) == 1
+    assert wide[2].split()[-4:] == ["0.0000", "1.000", "1.000", "1.000"]     # the oracle teacher
+    assert wide[3].split()[-4] == "-"                                        # no kl cell for this model
+    assert wide[4].split()[-4:] == ["1.5", "-", "0.500", "-"]                # kinds it has no items of
+    with pytest.raises(TypeError, match="extra must be"):
+        format_report_table(reports, extra={"kl": 1.0})
+    with pytest.raises(TypeError, match="kinds must be"):
+        format_report_table(reports, kinds="mc")
     with pytest.raises(ValueError, match="non-empty dict"):
         format_report_table({})
     with pytest.raises(TypeError, match="must be an EvalReport"):

@@ -11,6 +11,8 @@ from fastattn.eval import (LETTERS, Item, exact_match, extract_answer, items_to_
                            write_jsonl)
 from fastattn.eval.tasks import CATEGORIES
 
+CATEGORIES_WORDS = {w for words in CATEGORIES.values() for w in words}
+
 
 def _user(item):
     return item.messages[-1]["content"]
@@ -78,6 +80,53 @@ def test_kv_and_arith_answers_consistent_with_prompts():
         assert normalize_text(it.answer) == it.answer
 
 
+@given(seed=st.integers(0, 10_000), num_options=st.integers(2, 8), n=st.integers(1, 40))
+def test_mc_number_question_is_lexical_and_balanced(seed, num_options, n):
+    items = make_tasks(n, kinds=("mc",), seed=seed, num_options=num_options, mc_questions=("number",))
+    for it in items:
+        lines = _user(it).split("\n")
+        assert lines[0] == "Which of these is a number?" and lines[-1] == "Answer with the letter."
+        digits = [i for i, o in enumerate(it.options) if o.isdigit()]
+        assert digits == [it.answer_index] and 0 <= int(it.options[it.answer_index]) <= 99
+        assert all(o in CATEGORIES_WORDS for i, o in enumerate(it.options) if i != it.answer_index)
+    counts = Counter(it.answer for it in items)
+    per_letter = [counts.get(c, 0) for c in LETTERS[:num_options]]
+    assert max(per_letter) - min(per_letter) <= 1
+
+
+def test_mc_questions_subset_and_weighting():
+    items = make_tasks(200, kinds=("mc",), seed=5, mc_questions=("colour", "number", "number"))
+    firsts = Counter(_user(it).split("\n")[0] for it in items)
+    assert set(firsts) == {"Which of these is a colour?", "Which of these is a number?"}
+    assert firsts["Which of these is a number?"] > firsts["Which of these is a colour?"]
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 5])
+def test_kv_pairs_option(pairs):
+    for it in make_tasks(40, kinds=("kv",), seed=pairs, kv_pairs=pairs):
+        *lines, question = _user(it).split("\n")
+        table = dict(line.split(": ") for line in lines)
+        assert len(lines) == len(table) == len(set(table.values())) == pairs
+        assert table[re.fullmatch(r"What is the value of (\w+)\?", question).group(1)] == it.answer
+
+
+def test_arith_options():
+    items = make_tasks(300, kinds=("arith",), seed=9, arith_max=9, arith_ops="+")
+    seen = set()
+    for it in items:
+        a, op, b = re.search(r"(\d+) ([+-]) (\d+)", _user(it)).groups()
+        assert op == "+" and 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and int(it.answer) == int(a) + int(b)
+        seen.add((int(a), int(b)))
+    assert len(seen) > 80                    # most of the 100 operand pairs occur
+    minus = make_tasks(50, kinds=("arith",), seed=9, arith_max=3, arith_ops="-")
+    assert all(" - " in _user(it) and 0 <= int(it.answer) <= 3 for it in minus)
+
+
+def test_new_options_keep_the_defaults():
+    assert make_tasks(60, seed=4) == make_tasks(60, seed=4, mc_questions=None, kv_pairs=3, arith_max=50,
+                                                 arith_ops="+-")
+
+
 def test_prompts_short_and_system_turn():
     tok = ByteTokenizer()
     items = make_tasks(90, seed=2, system="Be brief.")
@@ -122,6 +171,14 @@ def test_exclude_gives_disjoint_balanced_set():
     (dict(n=3, num_options=9), ValueError, "num_options"),
     (dict(n=3, seed="x"), TypeError, "seed"),
     (dict(n=3, exclude=[1]), TypeError, "exclude"),
+    (dict(n=3, mc_questions=()), ValueError, "mc_questions"),
+    (dict(n=3, mc_questions="number"), ValueError, "mc_questions"),
+    (dict(n=3, mc_questions=("planet",)), ValueError, "mc_questions"),
+    (dict(n=3, kv_pairs=0), ValueError, "kv_pairs"),
+    (dict(n=3, kv_pairs=9), ValueError, "kv_pairs"),
+    (dict(n=3, arith_max=0), ValueError, "arith_max"),
+    (dict(n=3, arith_ops=""), ValueError, "arith_ops"),
+    (dict(n=3, arith_ops="*"), ValueError, "arith_ops"),
 ])
 def test_make_tasks_rejects_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -433,12 +433,17 @@ def _fmt_hist(hist: Dict[str, int]) -> str:
     return " ".join(f"{'inv' if k == 'invalid' else k}:{v}" for k, v in hist.items())
 
 
-def format_report_table(reports: Dict[str, EvalReport]) -> str:
+def format_report_table(reports: Dict[str, EvalReport], *, extra: Optional[Dict[str, Dict[str, str]]] = None,
+                        kinds: Sequence[str] = ()) -> str:
     """Fixed-width text table, one row per model: n, LL acc, generation acc (all / MC), gap, invalid rate and the
-    generated and LL letter histograms.
+    generated and LL letter histograms, then optional extra columns and per-kind generation accuracy.
 
     Args:
         reports: model name -> :class:`EvalReport` (insertion order kept), at least one.
+        extra: more columns, right-aligned after the histograms: column name -> {model name -> cell text}; a
+            model missing from a column shows ``-``.
+        kinds: item kinds whose generation accuracy (``EvalReport.per_kind``) gets a column each, last;
+            ``-`` for a report without items of that kind.
     Returns:
         the table as one string (header, rule, rows), every line the same width.
 
@@ -448,22 +453,34 @@ def format_report_table(reports: Dict[str, EvalReport]) -> str:
         ...                  per_kind={"mc": 0.25}, n_mc=4)
         >>> print(format_report_table({"student": rep}).splitlines()[2].split()[:6])
         ['student', '4', '1.000', '0.250', '0.250', '+0.750']
+        >>> table = format_report_table({"s": rep}, extra={"kl": {"s": "0.12"}}, kinds=("mc", "kv"))
+        >>> table.splitlines()[2].split()[-3:]
+        ['0.12', '0.250', '-']
     """
     if not isinstance(reports, dict) or not reports:
         raise ValueError(f"reports must be a non-empty dict of name -> EvalReport, got {reports!r:.80}")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict) or not all(isinstance(col, dict) for col in extra.values()):
+        raise TypeError(f"extra must be a dict of column name -> {{model name -> str}}, got {extra!r:.80}")
+    if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)):
+        raise TypeError(f"kinds must be a tuple of item kinds, got {kinds!r:.80}")
     header = ["model", "n", "ll_acc", "gen_acc", "gen_mc", "gap", "invalid", "gen letters", "ll letters"]
+    header += [str(c) for c in extra] + [str(k) for k in kinds]
     rows = []
     for name, r in reports.items():
         if not isinstance(r, EvalReport):
             raise TypeError(f"reports[{name!r}] must be an EvalReport, got {type(r).__name__}")
         rows.append([str(name), str(r.n), _fmt_rate(r.ll_acc), _fmt_rate(r.gen_acc), _fmt_rate(r.gen_acc_mc),
                      "-" if r.gap is None else f"{r.gap:+.3f}", _fmt_rate(r.invalid_rate),
-                     _fmt_hist(r.letter_hist), _fmt_hist(r.ll_letter_hist)])
+                     _fmt_hist(r.letter_hist), _fmt_hist(r.ll_letter_hist)]
+                    + [str(col.get(name, "-")) for col in extra.values()]
+                    + [_fmt_rate(r.per_kind.get(k)) for k in kinds])
     widths = [max(len(row[c]) for row in rows + [header]) for c in range(len(header))]
 
     def line(cells):
         parts = [cells[0].ljust(widths[0])] + [cells[c].rjust(widths[c]) for c in range(1, 7)]
-        parts += [cells[c].ljust(widths[c]) for c in range(7, len(header))]
+        parts += [cells[c].ljust(widths[c]) for c in range(7, 9)]
+        parts += [cells[c].rjust(widths[c]) for c in range(9, len(header))]
         return "  ".join(parts)
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule] + [line(r) for r in rows])

@@ -6,11 +6,13 @@ options):
 * ``mc`` — multiple choice. A category question ("Which of these is a fruit?") or a number comparison
   ("Which number is the largest?"), the options listed as ``"A. pear\\nB. red\\n..."`` and the instruction
   ``"Answer with the letter."``. The answer is the letter. Over one call of :func:`make_tasks` the correct
-  letter is balanced exactly: the counts of A, B, C, ... differ by at most one.
-* ``kv`` — key-value recall: three ``"key: value"`` lines (distinct keys, distinct values) then
-  ``"What is the value of <key>?"``; the answer is that key's value.
-* ``arith`` — ``a + b`` or ``a - b`` with ``0 <= a, b <= 50`` and a non-negative result; the answer is the
-  decimal result.
+  letter is balanced exactly: the counts of A, B, C, ... differ by at most one. ``mc_questions`` picks the
+  question types (:data:`MC_QUESTIONS`); the extra type ``number`` ("Which of these is a number?", one
+  number 0-99 among words of the categories) follows a purely lexical rule that a tiny model learns quickly.
+* ``kv`` — key-value recall: ``kv_pairs`` (default three) ``"key: value"`` lines (distinct keys, distinct
+  values) then ``"What is the value of <key>?"``; the answer is that key's value.
+* ``arith`` — ``a + b`` or ``a - b`` (``arith_ops``) with ``0 <= a, b <= arith_max`` (default 50) and a
+  non-negative result; the answer is the decimal result.
 
 Every answer is lowercase or a digit string or a capital letter, so the normalisation of
 :func:`fastattn.eval.normalize_text` leaves it unchanged.
@@ -30,6 +32,8 @@ LETTERS = "ABCDEFGH"
 MAX_OPTIONS = len(LETTERS)
 KV_PAIRS = 3
 ARITH_MAX = 50
+MC_QUESTIONS = ("animal", "colour", "fruit", "vehicle", "largest", "smallest", "number")
+DEFAULT_MC_QUESTIONS = MC_QUESTIONS[:6]
 
 CATEGORIES = {
     "colour": ("red", "blue", "green", "yellow", "pink", "brown", "black", "white", "grey", "purple"),
@@ -111,13 +115,18 @@ class Item:
         return [dict(m) for m in self.messages] + [{"role": "assistant", "content": self.answer}]
 
 
-def _mc_item(rng: random.Random, letter_pos: int, num_options: int, system: Optional[str]) -> Item:
-    qtype = rng.choice(sorted(CATEGORIES) + sorted(_NUMBER_QUESTIONS))
+def _mc_item(rng: random.Random, letter_pos: int, num_options: int, system: Optional[str],
+             questions: Sequence[str] = DEFAULT_MC_QUESTIONS) -> Item:
+    qtype = rng.choice(questions)
     if qtype in CATEGORIES:
         correct = rng.choice(CATEGORIES[qtype])
         pool = [w for c in sorted(CATEGORIES) if c != qtype for w in CATEGORIES[c]]
         others = rng.sample(pool, num_options - 1)
         question = f"Which of these is {_ARTICLE[qtype]} {qtype}?"
+    elif qtype == "number":
+        correct = str(rng.randrange(100))
+        others = rng.sample([w for c in sorted(CATEGORIES) for w in CATEGORIES[c]], num_options - 1)
+        question = "Which of these is a number?"
     else:
         numbers = rng.sample(range(100), num_options)
         correct = _NUMBER_QUESTIONS[qtype](numbers)
@@ -130,25 +139,25 @@ def _mc_item(rng: random.Random, letter_pos: int, num_options: int, system: Opti
     return Item("mc", _prompt(system, "\n".join(lines)), LETTERS[letter_pos], tuple(options))
 
 
-def _kv_item(rng: random.Random, system: Optional[str]) -> Item:
+def _kv_item(rng: random.Random, system: Optional[str], pairs: int = KV_PAIRS) -> Item:
     keys: List[str] = []
-    while len(keys) < KV_PAIRS:
+    while len(keys) < pairs:
         key = rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(_CONSONANTS)
         if key not in keys:
             keys.append(key)
     values: List[str] = []
-    while len(values) < KV_PAIRS:
+    while len(values) < pairs:
         value = rng.choice(_KV_WORDS) if rng.random() < 0.5 else str(rng.randint(10, 99))
         if value not in values:
             values.append(value)
-    asked = rng.randrange(KV_PAIRS)
+    asked = rng.randrange(pairs)
     lines = [f"{k}: {v}" for k, v in zip(keys, values)] + [f"What is the value of {keys[asked]}?"]
     return Item("kv", _prompt(system, "\n".join(lines)), values[asked])
 
 
-def _arith_item(rng: random.Random, system: Optional[str]) -> Item:
-    a, b = rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX)
-    op = rng.choice("+-")
+def _arith_item(rng: random.Random, system: Optional[str], top: int = ARITH_MAX, ops: str = "+-") -> Item:
+    a, b = rng.randint(0, top), rng.randint(0, top)
+    op = rng.choice(ops)
     if op == "-" and a < b:
         a, b = b, a
     text = rng.choice(_ARITH_TEMPLATES).format(a=a, op=op, b=b)
@@ -165,7 +174,9 @@ def _key(item: Item) -> Tuple:
 
 
 def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_options: int = 4,
-               system: Optional[str] = None, exclude: Iterable[Item] = ()) -> List[Item]:
+               system: Optional[str] = None, exclude: Iterable[Item] = (),
+               mc_questions: Optional[Sequence[str]] = None, kv_pairs: int = KV_PAIRS, arith_max: int = ARITH_MAX,
+               arith_ops: str = "+-") -> List[Item]:
     """Generate ``n`` synthetic task items, the same ones for the same arguments.
 
     Kinds are spread evenly (counts differ by at most one, order shuffled). Among the ``mc`` items the correct
@@ -180,6 +191,11 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         system: optional system turn put before every user turn.
         exclude: items that must not be produced again (compared by kind and prompt), e.g. the training set
             when building a held-out set; an excluded draw is redrawn with the same kind and letter position.
+        mc_questions: the multiple-choice question types to draw from, a non-empty subset of
+            :data:`MC_QUESTIONS` (repeats weight the draw); None (default) = every type except ``"number"``.
+        kv_pairs: ``"key: value"`` lines per key-value item, 1..8 (default 3).
+        arith_max: largest operand of the arithmetic items, >= 1 (default 50; 9 gives single-digit sums).
+        arith_ops: the operators to draw from, a non-empty string of ``"+"`` and/or ``"-"`` (default ``"+-"``).
     Returns:
         list of :class:`Item`. Items may repeat within one call (the arithmetic space is finite).
     Raises:
@@ -191,6 +207,8 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         ['A', 'A', 'B', 'B', 'C', 'C', 'D', 'D']
         >>> make_tasks(3, seed=1) == make_tasks(3, seed=1)
         True
+        >>> make_tasks(1, kinds=("arith",), arith_max=9, arith_ops="+")[0].messages[0]["content"]
+        'Compute 6 + 6.'
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -205,6 +223,19 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if system is not None and not isinstance(system, str):
         raise TypeError(f"system must be a str or None, got {type(system).__name__}")
+    if mc_questions is None:
+        mc_questions = DEFAULT_MC_QUESTIONS
+    if isinstance(mc_questions, str) or not isinstance(mc_questions, (list, tuple)) or not mc_questions or \
+            any(q not in MC_QUESTIONS for q in mc_questions):
+        raise ValueError(f"mc_questions must be None or a non-empty tuple drawn from {MC_QUESTIONS}, "
+                         f"got {mc_questions!r}")
+    mc_questions = tuple(mc_questions)
+    if isinstance(kv_pairs, bool) or not isinstance(kv_pairs, int) or not 1 <= kv_pairs <= 8:
+        raise ValueError(f"kv_pairs must be an int in [1, 8], got {kv_pairs!r}")
+    if isinstance(arith_max, bool) or not isinstance(arith_max, int) or arith_max < 1:
+        raise ValueError(f"arith_max must be an int >= 1, got {arith_max!r}")
+    if not isinstance(arith_ops, str) or not arith_ops or any(op not in "+-" for op in arith_ops):
+        raise ValueError(f"arith_ops must be a non-empty str of '+' and/or '-', got {arith_ops!r}")
     excluded = set()
     for it in exclude:
         if not isinstance(it, Item):
@@ -221,11 +252,11 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         pos = positions.pop() if kind == "mc" else 0
         for _ in range(1000):
             if kind == "mc":
-                item = _mc_item(rng, pos, num_options, system)
+                item = _mc_item(rng, pos, num_options, system, mc_questions)
             elif kind == "kv":
-                item = _kv_item(rng, system)
+                item = _kv_item(rng, system, kv_pairs)
             else:
-                item = _arith_item(rng, system)
+                item = _arith_item(rng, system, arith_max, arith_ops)
             if _key(item) not in excluded:
                 break
         else:
