@@ -184,7 +184,7 @@ def run_decode(res, contexts, batches=(1, 8), W=2048, C=16):
             with torch.no_grad():
                 cache.prefill(q, k, v, mu=mu, phi=phi)
             q1, k1, v1 = q[:, -1:].clone(), k[:, -1:].clone(), v[:, -1:].clone()
-            t_eva = bench_ms(lambda: cache.decode(q1, k1, v1, mu=mu, phi=phi), warmup=10, rep=50)
+            t_eva = bench_ms(lambda c=cache: c.decode(q1, k1, v1, mu=mu, phi=phi), warmup=10, rep=50)
             rows_eva = cache.memory_rows()
             kf, vf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
             qd = q1.transpose(1, 2)
