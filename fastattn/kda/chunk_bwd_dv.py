@@ -1,10 +1,9 @@
 """Stage 2 of the chunked KDA backward: value gradients and the gradients of the two chunk matrices.
 
-With S / dS the states (gradients) entering / leaving the chunk, Tb = Tinv diag(beta), Y = V - kg S:
-Vn = Tb Y, dVn = Aqk^T dO + kd dS, dV = Tb^T dVn, dAqk = tril(dO Vn^T), dTb = dVn Y^T, and through
-Tinv = (I + L)^-1: dL = -Tinv^T (dTb diag(beta)) Tinv^T (strictly lower), dbeta += colsum(dTb * Tinv).
-Grid (chunks, HV), a loop over V tiles. Reads v, kg, kd, Aqk, Tinv, beta, h, dh, dO.
-Writes dv, vn and dvn [T, HV, V] (for stage 3), dAqk and dL [T, HV, BT], dbeta's Tinv term [T, HV] (fp32).
+With S / dS entering / leaving the chunk, Tb = Tinv diag(beta), Y = V - kg S: Vn = Tb Y, dVn = Aqk^T dO + kd dS,
+dV = Tb^T dVn, dAqk = tril(dO Vn^T), dTb = dVn Y^T, dL = -Tinv^T (dTb diag(beta)) Tinv^T, dbeta += colsum(dTb Tinv).
+Grid (chunks, HV), a loop over V tiles. Reads v, kg, kd, Aqk, Tinv, beta, h, dh, dO. Writes dv, vn, dvn
+[T, HV, V], dAqk, dL [T, HV, BT] and dbeta's Tinv term [T, HV] (fp32).
 """
 import triton
 import triton.language as tl

@@ -1,11 +1,9 @@
 """Stage 3 of the chunked KDA backward: the per-channel gradients of one chunk, one K tile per program.
 
-From dO, Vn, dVn (stage 2) and S, dS: dqg = dO S^T, dkd = Vn dS^T, dW = -dVn S^T, dkg = Tb^T dW; through
-Aqk = scale tril(q k e) and L = diag(beta) tril(k k e) (dAqk, dL from stage 2; the same sub-block anchoring as
-the forward) to q, k and the cumulative decay G; G -> g by a reverse cumsum, then the in-kernel gate backward.
-Every term is separable over channels, so the grid is (chunks, HV, K tiles). Reads q, k, g, beta, Gc, Tinv,
-rstd, h, dh, dO, vn, dvn, dAqk, dL. Writes dq, dk before the l2norm backward (fp32, per value head), dg, dbias
-and the per-tile partial sums of dbeta and dA_log (stage 4 finishes them).
+dqg = dO S^T, dkd = Vn dS^T, dW = -dVn S^T, dkg = Tb^T dW; through Aqk and L (dAqk, dL of stage 2, anchored
+sub-blocks) to q, k and G; g by a reverse cumsum, then the gate backward. Grid (chunks, HV, K tiles).
+Reads q, k, g, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL. Writes dq, dk before the l2norm backward
+(fp32, per value head), dg, dbias and K-tile partials of dbeta and dA_log (finished by stage 4).
 """
 import triton
 import triton.language as tl

@@ -2,9 +2,8 @@
 
 With dS the gradient of the state leaving a chunk and the forward's factors W, qg, kd, Aqk (recomputed in the
 input dtype): dVn = Aqk^T dO + kd dS, and the state entering the chunk gets 2^(G_last) dS + qg^T dO - W^T dVn.
-Grid (V tiles, N*HV), chunks in reverse; operands in the factor dtype, fp32 accumulation.
-Reads w, qg, kd, Aqk, Gc (last row), dO, dht. Writes dh [NT, HV, K, V] in the input dtype (gradient of the state
-leaving every chunk) and dh0 (fp32).
+Grid (V tiles, N*HV), chunks in reverse; fp32 accumulation. Reads w, qg, kd, Aqk, Gc (last row), dO, dht.
+Writes dh [NT, HV, K, V] (state_dtype; gradient of the state leaving every chunk) and dh0 (fp32).
 """
 import triton
 import triton.language as tl

@@ -1,10 +1,9 @@
 """Stage 2 of the chunked KDA forward: the sequential state pass with the output fused in.
 
-Per chunk, with S the state entering it and the stage-1 factors W, U, qg, kd, Aqk:
-Vn = U - W S, O = qg S + Aqk Vn, S <- 2^(G_last) * S + kd^T Vn (all decays <= 1).
+Per chunk, with S entering it: Vn = U - W S, O = qg S + Aqk Vn, S <- 2^(G_last) * S + kd^T Vn (decays <= 1).
 Grid (V tiles, N*HV), a loop over the chunks of one sequence; operands in the stage-1 dtype, fp32 state.
 Reads w, u, qg, kd, Aqk, Gc (last row), h0. Writes o, the final state and (for the backward) the state
-entering every chunk h [NT, HV, K, V] (in the input dtype).
+entering every chunk h [NT, HV, K, V] (state_dtype).
 """
 import triton
 import triton.language as tl

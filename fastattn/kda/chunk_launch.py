@@ -57,7 +57,7 @@ def _dims(q, v, opts: KDAOptions):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(32, triton.next_power_of_2(V)))
+    BV = max(16, min(64, triton.next_power_of_2(V)))   # V tile of the chunk-parallel stages
     # fp32 inputs: exact fp32 products (tf32x3 hit an illegal memory access at B2 T4096 H16 on an H200
     # with triton 3.6); 16-bit inputs: tf32 products of fp32 operands
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -94,13 +94,13 @@ def _state_tile(programs: int, V: int, device) -> int:
 def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions, BT: int, invert: bool, save: bool):
     """Stage 1b: write outs = (w, u, qg, kd, kg), skipping the None ones (w, qg, kd always present). With
     `invert`, T_or_L holds L and becomes Tinv when `save`; without it, it already holds Tinv (backward)."""
-    B, T, H, K, HV, V, BK, _, prec = _dims(q, v, opts)
+    B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     w, u, qg, kd, kg = outs
     NT = idx.shape[0]
     kda_wy_fwd_kernel[(NT, HV)](
         q, k, v, beta, Gc, T_or_L, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
         kg if kg is not None else w, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))),
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=BV,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, INVERT=invert, SAVE_T=save,
         STORE_U=u is not None, STORE_KG=kg is not None, DOT_PREC=prec, INV_PREC=_inverse_precision(q.dtype),
         **WY_LAUNCH)
@@ -109,7 +109,7 @@ def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions
 def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOptions, save: bool = True):
     """Forward: returns (o, final_state or None, saved) with saved = (Gc, Aqk, Tinv, rstd, h); without
     `save` (no backward will follow) Tinv and h are empty and never written."""
-    B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
+    B, T, H, K, HV, V, BK, _, prec = _dims(q, v, opts)
     BT = effective_chunk(opts.chunk_size, K)
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
     N = cu.numel() - 1
@@ -143,7 +143,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     """Backward: returns (dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0); entries are None where the
     matching input is None. Recomputes the WY factors (stage 1b without the inversion), then runs the four
     backward stages; each intermediate is released as soon as its last reader has been launched."""
-    B, T, H, K, HV, V, BK, _, prec = _dims(q, v, opts)
+    B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     BT = effective_chunk(opts.chunk_size, K)
     Gc, Aqk, Tinv, rstd, h = saved
     cu, idx, offsets, NT = chunk_layout(B, T, cu_seqlens, BT, q.device)
@@ -161,7 +161,6 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
         USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec, **STATE_BWD_LAUNCH)
     del w, qg
 
-    BV = min(64, max(16, triton.next_power_of_2(V)))
     dv = torch.empty_like(v)
     vn, dvn = (torch.empty(B, T, HV, V, **fac) for _ in range(2))
     dAqk, dL = (torch.empty(B, T, HV, BT, **f32) for _ in range(2))

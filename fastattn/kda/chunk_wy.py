@@ -1,11 +1,9 @@
 """Stage 1b of the chunked KDA forward: the WY factors of one chunk.
 
-Tinv = (I + L)^-1 by recursive block inversion: with D the inverse of the s-row diagonal blocks, the 2s-row
-blocks [[A, 0], [B, C]] have inverse D - D B D (s = 1, 2, 4, ... : log2(BT) levels of two tensor-core products).
-Tb = Tinv diag(beta); W = Tb (k 2^G), U = Tb v, qg = scale q 2^G, kd = k 2^(G_last - G) (all exponents <= 0).
-Grid (chunks, HV). Reads L (from stage 1a, overwritten in place by Tinv when SAVE_T; already Tinv without
-INVERT, as when the backward recomputes the factors), q, k, v, beta, Gc, rstd.
-Writes w, qg, kd [T, HV, K], u [T, HV, V] when STORE_U and kg = k 2^G when STORE_KG, in the input dtype.
+Tinv = (I + L)^-1 by recursive block inversion ([[A, 0], [B, C]] -> D - D B D, D the inverse of its diagonal
+s-blocks, s = 1, 2, 4, ...); Tb = Tinv diag(beta), W = Tb (k 2^G), U = Tb v, qg = scale q 2^G, kd = k 2^(G_last - G).
+Grid (chunks, HV). Reads L (Tinv in place when SAVE_T; already Tinv without INVERT), q, k, v, beta, Gc, rstd;
+writes w, qg, kd [T, HV, K], u [T, HV, V] (STORE_U) and kg = k 2^G (STORE_KG) in the output buffers' dtype.
 """
 import triton
 import triton.language as tl
