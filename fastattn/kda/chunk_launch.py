@@ -18,10 +18,14 @@ SUB_CHUNK = 16
 # 4 warps everywhere (two programs per SM hide each other's dependent-product latency: 1a 2.43 -> 1.21 ms,
 # 1b 1.26 -> 0.72 ms at B8 T4096); the state pass software-pipelines its loads two deep.
 INTRA_LAUNCH = dict(num_warps=4, num_stages=1)
+INTRA_BK = 32       # K tile of stage 1a
 WY_LAUNCH = dict(num_warps=4, num_stages=1)
 STATE_FWD_LAUNCH = dict(num_warps=4, num_stages=2)
 # backward stages: state pass, dv / dAqk / dL per chunk, per-channel gradients per K tile, row-wise finish
 STATE_BWD_LAUNCH = dict(num_warps=4, num_stages=2)
+# fp32 intermediates (fp16/fp32 inputs) double the staged tiles: 2 stages need 288 KB of shared memory at K = V = 128
+# (ptxas sm_90a, triton 3.6; Hopper has 227 KB), 1 stage 160 KB
+STATE_BWD_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)
 DV_BWD_LAUNCH = dict(num_warps=8, num_stages=1)
 INTRA_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 FINISH_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
@@ -76,10 +80,9 @@ def _inverse_precision(dtype) -> str:
 
 def state_dtype(dtype):
     """Storage of the saved per-chunk states h and of every backward intermediate (recomputed WY factors, Vn, dVn,
-    dh): bf16 under bf16 inputs (the products that read them run in bf16, as in the forward), fp32 otherwise.
-    fp16 keeps fp32 because its tighter tolerance does not survive 16-bit intermediates in sums over the whole
-    sequence: on an H200, fp16 intermediates gave ddt_bias 1.11e-2 against the 1.0e-2 bound (GPU test
-    B1-T3000-H4-K100-V72-lb-varlen), while every bf16 gradient stayed within 3.4e-3 (dt_bias 1.2e-2 of 2e-2)."""
+    dh): bf16 under bf16 inputs (the products that read them run in bf16, as in the forward), fp32 otherwise:
+    fp16's 5-bit exponent cannot hold a state that grows with the sequence (fp16 intermediates did not change the
+    fp16 gradient errors on an H200: ddt_bias 1.11e-2 with them, 1.12e-2 without, B1-T3000 lb varlen)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
@@ -121,7 +124,7 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     # the state pass's factors, in the input dtype (fp32 stays fp32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=q.device, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    BKi = min(BK, 32)  # 64 spills at BT=64 (ptxas sm_90a, 8 warps)
+    BKi = min(BK, INTRA_BK)
     kda_intra_fwd_kernel[(NT, HV)](
         q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd[0], rstd[1], cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKi, NK=triton.cdiv(K, BKi),
@@ -158,7 +161,8 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     BVs = _state_tile(N * HV, V, q.device)
     kda_state_bwd_kernel[(triton.cdiv(V, BVs), N * HV)](
         w, qg, kd, Aqk, Gc, do, dht, dh, dh0, cu, offsets, T, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BVs,
-        USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec, **STATE_BWD_LAUNCH)
+        USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec,
+        **(STATE_BWD_LAUNCH_FP32 if fac["dtype"] == torch.float32 else STATE_BWD_LAUNCH))
     del w, qg
 
     dv = torch.empty_like(v)
