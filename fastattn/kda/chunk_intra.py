@@ -1,8 +1,9 @@
 """Stage 1a of the chunked KDA forward: the decayed products inside one chunk.
 
 G = in-chunk cumsum of the (in-kernel) gate, log2 units; e_ijd = 2^(G_id - G_jd); A_qk = scale tril(sum_d q k e),
-L = diag(beta) strict_tril(sum_d k k e) (q, k l2-normalised when asked). Sub-blocks use tensor-core dots anchored
-on a past row (exponents <= 0, or <= DIAG_RANGE on the diagonal; rows beyond it are redone pairwise).
+L = diag(beta) strict_tril(sum_d k k e) (q, k l2-normalised when asked). One row strip of BC rows at a time, one
+tensor-core dot per strip and K tile anchored on the strip's first row a: rows 2^(G_i - G_a) <= 1, columns
+2^(G_a - G_j) (<= 1 left of the strip, <= 2^DIAG_RANGE inside it; rows beyond that are redone pairwise).
 Grid (chunks, HV). Reads q, k, g, beta. Writes Gc [T, HV, K], Aqk and L [T, HV, BT], rstd_q/k [T, HV].
 """
 import triton
@@ -17,23 +18,23 @@ DIAG_RANGE = tl.constexpr(48.0)
 
 
 @triton.jit
-def diag_pairwise(b_q, b_k, b_G, k, Gc, bos, i_c, seq_len, i_h, i_hv, o_t, o_k, m_k,
+def diag_pairwise(b_qs, b_ks, b_Gs, k_b, G_b, s0, n_valid, o_r, m_r, o_t, o_k, m_k,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Exact diagonal sub-block sums, row i against partner j = its block start + c (j <= i, exponent <= 0):
-    returns (sum_d q_id k_jd e_ijd, sum_d k_id k_jd e_ijd) placed at [i, j]."""
-    b_sq = tl.zeros([BT, BT], dtype=tl.float32)
-    b_sk = tl.zeros([BT, BT], dtype=tl.float32)
+    """Exact diagonal entries of one strip (rows o_r, first row s0; n_valid valid rows in the chunk) on one K tile:
+    row i against partner j = s0 + c <= i; k_b, G_b point at the chunk's first row of k and Gc. Returns
+    (sum_d q_id k_jd e_ijd, sum_d k_id k_jd e_ijd) placed at [i, j] of a [BC, BT] tile."""
+    b_sq = tl.zeros([BC, BT], dtype=tl.float32)
+    b_sk = tl.zeros([BC, BT], dtype=tl.float32)
     for c in range(BC):
-        o_j = (o_t // BC) * BC + c
-        m_j = (o_j <= o_t) & ((i_c * BT + o_j) < seq_len)
-        tok_j = bos + i_c * BT + o_j
-        m2 = m_j[:, None] & m_k[None, :]
-        b_kj = tl.load(k + ((tok_j * H + i_h) * K)[:, None] + o_k[None, :], mask=m2, other=0.).to(tl.float32)
-        b_Gj = tl.load(Gc + ((tok_j * HV + i_hv) * K)[:, None] + o_k[None, :], mask=m2, other=0.)
-        b_e = tl.exp2(tl.where(m2, b_G - b_Gj, float("-inf")))
-        b_put = o_t[None, :] == o_j[:, None]
-        b_sq += tl.where(b_put, tl.sum(b_q * b_kj * b_e, axis=1)[:, None], 0.)
-        b_sk += tl.where(b_put, tl.sum(b_k * b_kj * b_e, axis=1)[:, None], 0.)
+        j = s0 + c
+        m_j = m_r & (o_r >= j)
+        m_kj = m_k & ((o_k * 0 + j) < n_valid)
+        b_kj = tl.load(k_b + j * H * K + o_k, mask=m_kj, other=0.).to(tl.float32)
+        b_Gj = tl.load(G_b + j * HV * K + o_k, mask=m_kj, other=0.)
+        b_e = tl.exp2(tl.where(m_j[:, None] & m_k[None, :], b_Gs - b_Gj[None, :], float("-inf")))
+        b_put = (o_t == j)[None, :]
+        b_sq += tl.where(b_put, tl.sum(b_qs * b_kj[None, :] * b_e, axis=1)[:, None], 0.)
+        b_sk += tl.where(b_put, tl.sum(b_ks * b_kj[None, :] * b_e, axis=1)[:, None], 0.)
     return b_sq, b_sk
 
 
@@ -50,87 +51,87 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd
     row = bos + i_c * BT                           # first token of the chunk (int64 bases, int32 tiles)
     q_b = q + row * H * K + i_h * K
     k_b = k + row * H * K + i_h * K
-    x_b = row * HV * K + i_hv * K                  # g, Gc, w, qg, kd
-    m_blk = (o_t // BC)[:, None] == (o_t // BC)[None, :]
+    x_b = row * HV * K + i_hv * K                  # g, Gc
 
-    # ---- l2norm statistics over the whole head dim
-    if USE_L2NORM:
-        b_sq = tl.zeros([BT], dtype=tl.float32)
-        b_sk = tl.zeros([BT], dtype=tl.float32)
-        for i_k in range(NK):
+    # ---- pass 1: gate and in-chunk cumsum -> Gc, l2norm statistics over the whole head dim
+    b_sq = tl.zeros([BT], dtype=tl.float32)
+    b_sk = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        if USE_L2NORM:
             p_x, m_x = row_tile(q_b, o_t, m_t, H * K, i_k * BK, K, BK)
             b_q = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
             p_x, m_x = row_tile(k_b, o_t, m_t, H * K, i_k * BK, K, BK)
             b_k = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
             b_sq += tl.sum(b_q * b_q, axis=1)
             b_sk += tl.sum(b_k * b_k, axis=1)
-        b_rq = 1.0 / tl.sqrt(b_sq + 1e-6)
-        b_rk = 1.0 / tl.sqrt(b_sk + 1e-6)
-        tl.store(rstd_q + tok * HV + i_hv, b_rq, mask=m_t)
-        tl.store(rstd_k + tok * HV + i_hv, b_rk, mask=m_t)
-    else:
-        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
-        b_rk = tl.full([BT], 1.0, dtype=tl.float32)
-
-    b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
-
-    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m = m_t[:, None] & m_k[None, :]
-        p_x, m_x = row_tile(q_b, o_t, m_t, H * K, i_k * BK, K, BK)
-        b_q = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
-        p_x, m_x = row_tile(k_b, o_t, m_t, H * K, i_k * BK, K, BK)
-        b_k = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
         p_x, m_x = row_tile(g + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         b_g = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
         if USE_GATE:
             b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
             b_g = gate_fwd(b_g, b_a, b_bias[None, :], HAS_LB, LB)
         b_g = tl.where(m, b_g * LOG2E, 0.)
-        b_G = tl.cumsum(b_g, axis=0)
         p_G, _ = row_tile(Gc + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
-        tl.store(p_G, b_G, mask=m)
+        tl.store(p_G, tl.cumsum(b_g, axis=0), mask=m)
+    if USE_L2NORM:
+        b_rk = 1.0 / tl.sqrt(b_sk + 1e-6)
+        tl.store(rstd_q + tok * HV + i_hv, 1.0 / tl.sqrt(b_sq + 1e-6), mask=m_t)
+        tl.store(rstd_k + tok * HV + i_hv, b_rk, mask=m_t)
+    else:
+        b_rk = tl.full([BT], 1.0, dtype=tl.float32)
+    tl.debug_barrier()  # Gc and rstd rows written above by other threads of this program are read below
 
-        # off-diagonal sub-blocks: rows of sub-block s against columns of earlier sub-blocks,
-        # both factors anchored at row s*BC-1, so both exponents are <= 0
-        for i_s in tl.static_range(1, BT // BC):
-            b_ga = tl.sum(tl.where((o_t == i_s * BC - 1)[:, None], b_G, 0.), axis=0)
-            m_row = (o_t >= i_s * BC) & (o_t < (i_s + 1) * BC)
-            b_ea = tl.where(m_row[:, None], tl.exp2(tl.minimum(b_G - b_ga[None, :], 0.)), 0.)
-            b_eb = tl.where((o_t < i_s * BC)[:, None], tl.exp2(tl.minimum(b_ga[None, :] - b_G, 0.)), 0.)
-            b_kb = tl.trans(b_k * b_eb)
-            b_Aqk += tl.dot(b_q * b_ea, b_kb, input_precision=DOT_PREC)
-            b_Akk += tl.dot(b_k * b_ea, b_kb, input_precision=DOT_PREC)
+    # ---- pass 2: one strip of BC rows at a time, every column of the chunk in one dot per K tile
+    o_c = tl.arange(0, BC)
+    for i_s in range(0, tl.cdiv(tl.minimum(seq_len - i_c * BT, BT), BC)):
+        s0 = i_s * BC
+        o_r = s0 + o_c
+        m_r = (i_c * BT + o_r) < seq_len
+        m_cols = m_t & (o_t < s0 + BC)             # columns left of the strip and inside it
+        b_Aq = tl.zeros([BC, BT], dtype=tl.float32)
+        b_Ak = tl.zeros([BC, BT], dtype=tl.float32)
+        for i_k in range(NK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_ga = tl.load(Gc + x_b + s0 * HV * K + o_k, mask=m_k, other=0.)
+            p_x, m_x = row_tile(q_b, o_r, m_r, H * K, i_k * BK, K, BK)
+            b_qs = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
+            p_x, m_x = row_tile(k_b, o_r, m_r, H * K, i_k * BK, K, BK)
+            b_ks = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
+            p_x, m_xs = row_tile(Gc + x_b, o_r, m_r, HV * K, i_k * BK, K, BK)
+            b_Gs = tl.load(p_x, mask=m_xs, other=0.)
+            b_ea = tl.where(m_xs, tl.exp2(tl.minimum(b_Gs - b_ga[None, :], 0.)), 0.)
+            p_x, m_x = row_tile(k_b, o_t, m_cols, H * K, i_k * BK, K, BK)
+            b_k = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
+            p_x, m_x = row_tile(Gc + x_b, o_t, m_cols, HV * K, i_k * BK, K, BK)
+            b_G = tl.load(p_x, mask=m_x, other=0.)
+            b_kb = tl.trans(tl.where(m_x, b_k * tl.exp2(tl.minimum(b_ga[None, :] - b_G, DIAG_RANGE)), 0.))
+            b_tq = tl.dot(b_qs * b_ea, b_kb, input_precision=DOT_PREC)
+            b_tk = tl.dot(b_ks * b_ea, b_kb, input_precision=DOT_PREC)
+            b_rng = tl.max(tl.where(m_xs, b_ga[None, :] - b_Gs, 0.), axis=1)   # decay since the anchor
+            if tl.max(b_rng, axis=0) > DIAG_RANGE:
+                b_pq, b_pk = diag_pairwise(b_qs, b_ks, b_Gs, k_b, Gc + x_b, s0, seq_len - i_c * BT, o_r, m_r, o_t,
+                                           o_k, m_k, H, HV, K, BT, BC)
+                m_fix = (b_rng > DIAG_RANGE)[:, None] & (o_t >= s0)[None, :]
+                b_tq = tl.where(m_fix, b_pq, b_tq)
+                b_tk = tl.where(m_fix, b_pk, b_tk)
+            b_Aq += b_tq
+            b_Ak += b_tk
 
-        # diagonal sub-blocks: one dot anchored at each block's first row (a past row of every row of
-        # the block); exact while the decay since that row stays within DIAG_RANGE
-        b_G0 = tl.zeros([BT, BK], dtype=tl.float32)
-        for i_s in tl.static_range(0, BT // BC):
-            b_ga = tl.sum(tl.where((o_t == i_s * BC)[:, None], b_G, 0.), axis=0)
-            b_G0 = tl.where((o_t // BC == i_s)[:, None], b_ga[None, :], b_G0)
-        b_kb = tl.trans(b_k * tl.exp2(tl.minimum(b_G0 - b_G, DIAG_RANGE)))
-        b_ea = tl.exp2(tl.minimum(b_G - b_G0, 0.))
-        b_dq = tl.dot(b_q * b_ea, b_kb, input_precision=DOT_PREC)
-        b_dk = tl.dot(b_k * b_ea, b_kb, input_precision=DOT_PREC)
-        b_rng = tl.max(b_G0 - b_G, axis=1)
-        if tl.max(b_rng, axis=0) > DIAG_RANGE:
-            tl.debug_barrier()  # Gc of this chunk was just written by other threads of this program
-            b_pq, b_pk = diag_pairwise(b_q, b_k, b_G, k, Gc, bos, i_c, seq_len, i_h, i_hv, o_t, o_k, m_k,
-                                       H, HV, K, BT, BC)
-            b_dq = tl.where((b_rng > DIAG_RANGE)[:, None], b_pq, b_dq)
-            b_dk = tl.where((b_rng > DIAG_RANGE)[:, None], b_pk, b_dk)
-        b_Aqk += tl.where(m_blk, b_dq, 0.)
-        b_Akk += tl.where(m_blk, b_dk, 0.)
-
-    m_valid = m_t[:, None] & m_t[None, :]
-    b_Aqk = tl.where(m_valid & (o_t[:, None] >= o_t[None, :]), b_Aqk * scale * b_rq[:, None] * b_rk[None, :], 0.)
-    b_L = tl.where(m_valid & (o_t[:, None] > o_t[None, :]), b_Akk * (b_beta * b_rk)[:, None] * b_rk[None, :], 0.)
-
-    a_off = row * HV * BT + i_hv * BT
-    p_a, m_a = row_tile(Aqk + a_off, o_t, m_t, HV * BT, 0, BT, BT)
-    tl.store(p_a, b_Aqk, mask=m_a)
-    p_a, m_a = row_tile(L + a_off, o_t, m_t, HV * BT, 0, BT, BT)
-    tl.store(p_a, b_L, mask=m_a)
+        if USE_L2NORM:
+            b_rqs = tl.load(rstd_q + (row + o_r) * HV + i_hv, mask=m_r, other=0.)
+            b_rks = tl.load(rstd_k + (row + o_r) * HV + i_hv, mask=m_r, other=0.)
+        else:
+            b_rqs = tl.full([BC], 1.0, dtype=tl.float32)
+            b_rks = tl.full([BC], 1.0, dtype=tl.float32)
+        b_betas = load_beta(beta, row + o_r, m_r, i_hv, HV, USE_SIGMOID)
+        m_valid = m_r[:, None] & m_t[None, :]
+        b_Aq = tl.where(m_valid & (o_r[:, None] >= o_t[None, :]), b_Aq * scale * b_rqs[:, None] * b_rk[None, :], 0.)
+        b_Ak = tl.where(m_valid & (o_r[:, None] > o_t[None, :]), b_Ak * (b_betas * b_rks)[:, None] * b_rk[None, :], 0.)
+        a_off = row * HV * BT + i_hv * BT
+        p_a, m_a = row_tile(Aqk + a_off, o_r, m_r, HV * BT, 0, BT, BT)
+        tl.store(p_a, b_Aq, mask=m_a)
+        p_a, m_a = row_tile(L + a_off, o_r, m_r, HV * BT, 0, BT, BT)
+        tl.store(p_a, b_Ak, mask=m_a)
