@@ -4,6 +4,8 @@ x -> q/k/v projections of the teacher's shapes -> one depthwise causal conv over
 at init) -> k, v repeated to the q heads (GQA) -> KDA recurrence with q/k L2 norm, the low-rank
 per-channel gate ``-exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` and ``beta = sigmoid(b_proj(x))``
 computed in the kernel -> per-head RMSNorm gated by ``sigmoid(g_b(g_a(x)))`` -> o_proj. No positions.
+Conv + split + repeat and the gated RMSNorm go through ``fastattn.models.fused`` (Triton kernels at
+inference, the PyTorch reference when autograd needs it).
 """
 import math
 from typing import Optional
@@ -16,6 +18,8 @@ from ..kda import chunk_kda, fused_recurrent_kda
 from .attention import StepInfo
 from .cache import KDACache
 from .config import HybridConfig
+from .fused import causal_conv_heads, gated_rms_norm
+from .fused.api import causal_conv_torch
 from .layers import RMSNorm
 
 RECURRENT_MAX_T = 15     # calls with fewer new tokens than the smallest chunk run token by token
@@ -23,29 +27,27 @@ FUSED_QKV_MIN_TOKENS = 1024   # from this many tokens per call, q/k/v run as one
 PAD_LOGIT = -1e4         # beta and gate inputs at padded tokens: beta = 0, decay = 1, state untouched
 
 
+def conv_tail(x: torch.Tensor, tail: Optional[torch.Tensor], width: int) -> torch.Tensor:
+    """The last ``width - 1`` conv inputs ``[B, C, width-1]`` once ``x [B, T, C]`` has followed ``tail``
+    (None: zeros, a fresh sequence), contiguous, in x's dtype: the conv state of the next call."""
+    B, T, C = x.shape
+    keep = width - 1
+    xt = x[:, max(T - keep, 0):].transpose(1, 2)
+    if xt.shape[2] < keep:   # fewer new tokens than the window: the rest comes from the old tail
+        prev = tail.to(x.dtype) if tail is not None else x.new_zeros(B, C, keep)
+        xt = torch.cat([prev, xt], dim=2)[:, :, -keep:]
+    return xt.contiguous()
+
+
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 tail: Optional[torch.Tensor], keep_tail: bool):
     """Depthwise causal conv of ``x [B, T, C]`` with ``weight [C, 1, W]``, continuing from ``tail [B, C, W-1]``
-    (None: zeros, a fresh sequence).
+    (None: zeros, a fresh sequence), through the PyTorch reference of ``fused.causal_conv_heads``.
 
     Returns ``(y [B, T, C], new_tail)``; new_tail (the last W-1 inputs) is None unless ``keep_tail``.
     """
-    B, T, C = x.shape
-    W = weight.shape[-1]
-    xt = x.transpose(1, 2)
-    if tail is None:
-        y = F.conv1d(xt, weight, bias, padding=W - 1, groups=C)[..., :T]
-        new_tail = None
-        if keep_tail:
-            new_tail = xt[:, :, max(T - (W - 1), 0):]
-            if T < W - 1:
-                new_tail = F.pad(new_tail, (W - 1 - T, 0))
-            new_tail = new_tail.contiguous()
-        return y.transpose(1, 2), new_tail
-    full = torch.cat([tail.to(xt.dtype), xt], dim=2)
-    y = F.conv1d(full, weight, bias, groups=C)
-    new_tail = full[:, :, full.shape[2] - (W - 1):].contiguous() if keep_tail else None
-    return y.transpose(1, 2), new_tail
+    y = causal_conv_torch(x, weight[:, 0], bias, tail)
+    return y, (conv_tail(x, tail, weight.shape[-1]) if keep_tail else None)
 
 
 class KDAMixer(nn.Module):
@@ -106,14 +108,11 @@ class KDAMixer(nn.Module):
         valid = info.new_valid
         if valid is not None:
             qkv = qkv * valid[..., None].to(qkv.dtype)   # pads read as the zeros of a fresh conv tail
-        qkv, tail = causal_conv(qkv, self.conv_weight.to(qkv.dtype), self.conv_bias.to(qkv.dtype),
-                                cache.conv if cache is not None else None, keep_tail=cache is not None)
-        if self.config.kda_conv_activation == "silu":
-            qkv = F.silu(qkv)
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.reshape(B, T, H, D)
-        k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
-        v = v.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        tail = cache.conv if cache is not None else None
+        activation = "silu" if self.config.kda_conv_activation == "silu" else None
+        q, k, v = causal_conv_heads(qkv, self.conv_weight[:, 0], self.conv_bias, tail, H, Hkv, D, activation)
+        if cache is not None:
+            tail = conv_tail(qkv, tail, self.conv_weight.shape[-1])
         g = self.f_b(self.f_a(x)).view(B, T, H, D)
         beta = self.b_proj(x)
         if valid is not None:
@@ -129,6 +128,5 @@ class KDAMixer(nn.Module):
             o, state = chunk_kda(q, k, v, g, beta, chunk_size=self.config.kda_chunk_size, **kernel_kwargs)
         if cache is not None:
             cache.state, cache.conv = state, tail
-        gate = torch.sigmoid(self.g_b(self.g_a(x))).view(B, T, H, D)
-        o = self.o_norm(o) * gate
-        return self.o_proj(o.reshape(B, T, H * D))
+        o = gated_rms_norm(o, self.g_b(self.g_a(x)), self.o_norm.weight, self.o_norm.eps)
+        return self.o_proj(o)

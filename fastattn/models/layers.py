@@ -3,9 +3,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import rms_norm
+
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed in fp32 (Qwen3's RMSNorm)."""
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed in fp32 (Qwen3's RMSNorm); one fused
+    Triton kernel at inference on the triton backend (``fused.rms_norm``), PyTorch with autograd otherwise."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -13,10 +16,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
