@@ -4,11 +4,13 @@ What it does
   1. Makes its own data with :func:`fastattn.eval.make_tasks`: templated chat tasks with exact answers, split
      into test / dev (early stopping) / train with no shared prompt. The mix (``DemoConfig``): multiple choice
      "Which of these is a number?" (one number 0-99 among three words, letters balanced exactly), single-digit
-     addition (``arith_max=9``, ``+``) and key-value recall with two pairs, weighted 2 : 2 : 1.
+     addition (``arith_max=9``, ``+``) and key-value recall with one pair (``kv_pairs=1``), weighted 2 : 2 : 1.
+     Every reply is a sentence (``reply_style="sentence"``): ``"The answer is (B)."``, ``"The answer is 7."``,
+     ``"The answer is grape."``; generation must produce it exactly for the answer to count.
   2. Trains a tiny Qwen3-shaped teacher (``HybridLM``, preset ``attention``, 0.82M parameters, byte-level
      ``ByteTokenizer``) with cross-entropy on the assistant tokens only. Every ``teacher_eval_every`` steps it
-     scores greedy generation on the dev set and stops once ``gen_acc >= teacher_target`` (0.8) or when the
-     step budget is spent; whatever it reaches is printed and used.
+     scores greedy generation on the dev set and stops once every task kind reaches ``teacher_target`` (0.8)
+     or when the step budget is spent; whatever it reaches is printed and used.
   3. Converts it to a Hybrid-KDA student (``student_from_teacher``: attention kept at layer 0, KDA mixers
      initialised from the teacher's q/k/v/o elsewhere) and runs GenDistill stages 1 (per-layer alignment),
      2 (end-to-end KL on the transcripts as plain text) and 3 (chat KL on assistant tokens, attention frozen).
@@ -22,32 +24,33 @@ How to run (from the repository root)::
     python examples/distill_minimal.py --teacher-steps 3000 --steps 200,400,400 --device cuda
 
 Runtime, measured with ``time`` on this project's 2-core development CPU (OMP_NUM_THREADS=2, torch 2.13 CPU,
-machine shared, load ~1.5-1.9): full run 8 min 52 s wall (teacher 276 s, stages 1-3 40 + 86 + 77 s, evaluation
-44 s), ``--quick`` about 67 s. Under heavier contention the full run took up to 16 min. ``--device auto`` picks
-CUDA when present. The run is deterministic given ``--seed`` on one machine and thread count.
+machine otherwise idle): full run 6 min 30 s wall (teacher 207 s, stages 1-3 28 + 51 + 54 s, evaluation 45 s),
+``--quick`` 80 s with one thread; one thread, full run: 11 min 44 s. ``--device auto`` picks CUDA when present.
+The run is deterministic given ``--seed`` on one machine and thread count.
 
 The table (test set, one row per model): ``ll_acc`` multiple-choice accuracy by log-likelihood (the option
-letter whose assistant continuation, letter + end-of-turn, is most likely); ``gen_acc`` greedy generation with
-answer extraction, exact match over all items, ``gen_mc`` over the multiple-choice items; ``gap`` = ``ll_acc -
-gen_mc``; ``invalid`` generations without an extractable answer; ``gen letters`` / ``ll letters`` letter
-histograms (the gold letters are balanced, so a collapse shows at once); ``kl_chat`` mean KL(teacher || model)
-per assistant token; ``mc`` ``kv`` ``arith`` generation accuracy per task kind.
+whose whole assistant reply, ``"The answer is (L)."`` + end-of-turn, is most likely, read teacher-forced);
+``gen_acc`` greedy generation with answer extraction, exact match over all items, ``gen_mc`` over the
+multiple-choice items; ``gap`` = ``ll_acc - gen_mc``; ``invalid`` generations without an extractable answer
+(the extraction accepts only the trained sentence, see :func:`fastattn.eval.extract_answer`); ``gen letters`` /
+``ll letters`` letter histograms (the gold letters are balanced, so a collapse shows at once); ``kl_chat`` mean
+KL(teacher || model) per assistant token; ``mc`` ``kv`` ``arith`` generation accuracy per task kind.
 
-What the teacher reaches (seed 0, full run): dev gen_acc 0.80 at step 500 (early stop), test gen_acc 0.813 =
-multiple choice 1.000 (ll 1.000), arithmetic 1.000, key-value recall 0.067. The mix is chosen so that a model
-trained from scratch on 2 cores learns it (multiple choice by step ~300, arithmetic by ~500). With
+What the teacher reaches (seed 0, full run): all 600 steps (dev at step 600: MC 1.00, kv 0.84, arithmetic
+0.89), test gen_acc 0.973 = multiple choice 1.000 (ll 1.000), key-value recall 0.933, arithmetic 0.967. With
 ``make_tasks``' default mix (category and largest/smallest questions, three kv pairs, operands up to 50) a
-teacher of this size stayed at chance after 1000-3000 steps (batch 16), answering one letter for everything:
-there the right letter depends on a match between the question and one option. Key-value recall needs an
-induction-style match (the asked key against the listed keys) and stayed at chance in every variant tried
-(kv-only runs with 2 pairs, one-letter keys, one-digit values, up to 1200 steps, q/k-norm gain 2, rope base
-100, 8 heads, lr 1e-2, a loss on the prompt tokens); it stays in the mix and is reported as it is.
+teacher of this size stayed at chance after 1000-3000 steps, answering one letter for everything.
 
-What the students show (same run): the converted student starts at MC 0.68 with KL 0.38. Stage 1 lowers the
-per-layer alignment error (dev 2.91 -> 1.08) yet generation collapses onto two letters (A:18 D:42, MC 0.50):
-the histograms show it, the KL (0.38) does not move. Stages 2-3 bring KL to 0.09, arithmetic back to 1.000 and MC
-to 0.80, still short of the teacher's 1.000. The answers are single tokens, so the LL-chosen and the generated
-letter coincide here (``gap`` 0); the letter histograms and the generation-only kinds carry the lesson.
+Key-value recall uses one pair (find the value after ``"<key>: "`` and copy it; no choice between keys). With
+two pairs the asked key must be matched against the listed ones, and that stayed at chance (0.5) in every
+variant measured: kv-only runs of 400-2500 steps, one-letter keys, one-digit values, key alphabets of 2-4
+letters, the key echoed in the reply, value-first lines, batch 128, 2 layers x 8 heads, head_dim 64, no GQA,
+attention biases, q/k-norm gain 3, lr 1e-3 to 1e-2, a copy-task curriculum, a loss on the prompt tokens.
+
+What the students show (same run): the converted student ranks letters by LL at 0.600 but loses the reply
+format (48 of 60 multiple-choice replies lack the letter, e.g. "The answer is pise."): gap +0.417, invalid
+0.393. Stage 1 brings the format back and collapses the letters onto A and B (MC 0.633); stages 2-3 bring KL to
+0.04 and MC to 0.967, while key-value recall stays at 0.300 (teacher 0.933): the student does not copy the value.
 """
 from __future__ import annotations
 
@@ -92,13 +95,14 @@ class DemoConfig:
     """Every knob of the demo (data, teacher shape and training, the three stages).
 
     Attributes:
-        kinds / num_options / mc_questions / kv_pairs / arith_max / arith_ops: the ``make_tasks`` arguments
-            (kinds may repeat to weight the mix; num_options 2..8).
+        kinds / num_options / mc_questions / kv_pairs / arith_max / arith_ops / reply_style: the ``make_tasks``
+            arguments (kinds may repeat to weight the mix; num_options 2..8; reply_style ``"sentence"``: the
+            teacher learns and generation must produce ``"The answer is (B)."`` / ``"The answer is 42."``).
         n_train / n_dev / n_test: items for training, for the teacher's early stopping, for the table.
         hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size, rope_theta: teacher shape.
         teacher_steps / teacher_batch / teacher_lr / teacher_warmup: teacher training budget and optimiser.
         teacher_eval_every / teacher_target: dev evaluation period (steps) and the generation accuracy that
-            stops training early.
+            every task kind must reach on dev to stop training early.
         stage_steps / stage_lr: steps and peak learning rate of stages 1, 2, 3.
         stage_batch: sequences per step in stages 1-3; eval_batch: rows per forward in evaluation.
         seq_len: maximum tokens per conversation; kda_chunk_size: the student's KDA chunk (16, 32 or 64).
@@ -117,9 +121,10 @@ class DemoConfig:
     kinds: Tuple[str, ...] = ("mc", "arith", "mc", "arith", "kv")
     num_options: int = 4
     mc_questions: Tuple[str, ...] = ("number",)
-    kv_pairs: int = 2
+    kv_pairs: int = 1
     arith_max: int = 9
     arith_ops: str = "+"
+    reply_style: str = "sentence"
     n_train: int = 20000
     n_dev: int = 96
     n_test: int = 150
@@ -136,7 +141,7 @@ class DemoConfig:
     teacher_warmup: int = 50
     teacher_eval_every: int = 100
     teacher_target: float = 0.8
-    stage_steps: Tuple[int, int, int] = (60, 100, 100)
+    stage_steps: Tuple[int, int, int] = (50, 80, 80)
     stage_lr: Tuple[float, float, float] = (3e-3, 3e-4, 3e-4)
     stage_batch: int = 16
     eval_batch: int = 64
@@ -170,7 +175,8 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.device must be a str ('auto', 'cpu', 'cuda', 'cuda:N'), got {self.device!r}")
         try:                            # make_tasks checks its own arguments (ValueError naming the argument)
             make_tasks(1, kinds=self.kinds, num_options=self.num_options, mc_questions=self.mc_questions,
-                       kv_pairs=self.kv_pairs, arith_max=self.arith_max, arith_ops=self.arith_ops)
+                       kv_pairs=self.kv_pairs, arith_max=self.arith_max, arith_ops=self.arith_ops,
+                       reply_style=self.reply_style)
         except ValueError as e:
             raise ValueError(f"DemoConfig.{e}") from None
 
@@ -182,7 +188,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
         """A CI-sized run: fewer items and steps, the same pipeline and table; ``overrides`` set any field."""
-        base = dict(n_train=2000, n_dev=24, n_test=48, teacher_steps=60, teacher_eval_every=30,
+        base = dict(n_train=2000, n_dev=16, n_test=40, teacher_steps=60, teacher_eval_every=30,
                     stage_steps=(10, 10, 10), stage_batch=8, log_every=10)
         base.update(overrides)
         return cls(**base)
@@ -201,7 +207,7 @@ def build_tasks(cfg: DemoConfig) -> Tuple[List[Item], List[Item], List[Item]]:
 
     Args:
         cfg: the :class:`DemoConfig` (``kinds``, ``num_options``, ``mc_questions``, ``kv_pairs``, ``arith_max``,
-            ``arith_ops``, ``n_train``, ``n_dev``, ``n_test``, ``seed``).
+            ``arith_ops``, ``reply_style``, ``n_train``, ``n_dev``, ``n_test``, ``seed``).
     Returns:
         ``(train, dev, test)`` lists of :class:`~fastattn.eval.Item`.
 
@@ -211,7 +217,8 @@ def build_tasks(cfg: DemoConfig) -> Tuple[List[Item], List[Item], List[Item]]:
         (30, 6, 9)
     """
     common = dict(kinds=cfg.kinds, num_options=cfg.num_options, mc_questions=cfg.mc_questions,
-                  kv_pairs=cfg.kv_pairs, arith_max=cfg.arith_max, arith_ops=cfg.arith_ops)
+                  kv_pairs=cfg.kv_pairs, arith_max=cfg.arith_max, arith_ops=cfg.arith_ops,
+                  reply_style=cfg.reply_style)
     test = make_tasks(cfg.n_test, seed=3 * cfg.seed + 2, **common)
     dev = make_tasks(cfg.n_dev, seed=3 * cfg.seed + 1, exclude=test, **common)
     train = make_tasks(cfg.n_train, seed=3 * cfg.seed, exclude=dev + test, **common)
@@ -242,7 +249,7 @@ def train_teacher(teacher: HybridLM, tokenizer, train: Sequence[Item], dev: Sequ
     AdamW (betas 0.9/0.95), linear warmup then cosine decay to 10 %, gradient clipping at 1.0, batches read
     in a seeded order (:func:`~fastattn.distill.stages.batch_indices`). Every ``cfg.teacher_eval_every``
     steps (and at the end) the dev items are scored with :func:`~fastattn.eval.evaluate`; training stops
-    as soon as the dev generation accuracy reaches ``cfg.teacher_target``.
+    as soon as the dev generation accuracy of every task kind reaches ``cfg.teacher_target``.
 
     Args:
         teacher: the model (moved to ``device``, left in eval mode).
@@ -306,9 +313,9 @@ def train_teacher(teacher: HybridLM, tokenizer, train: Sequence[Item], dev: Sequ
                                      "per_kind": rep.per_kind})
             kinds = " ".join(f"{k} {v:.2f}" for k, v in rep.per_kind.items())
             log(f"  teacher dev eval at step {step + 1}: gen_acc {rep.gen_acc:.3f} ({kinds})")
-            if rep.gen_acc >= cfg.teacher_target and not done:
+            if min(rep.per_kind.values()) >= cfg.teacher_target and not done:
                 history["stopped_early"] = True
-                log(f"  teacher reached the target gen_acc {cfg.teacher_target} on dev: stopping early")
+                log(f"  teacher reached gen_acc {cfg.teacher_target} on every task kind on dev: stopping early")
                 break
     history["wall_time_s"] = round(time.perf_counter() - t0, 2)
     teacher.eval()
@@ -516,12 +523,14 @@ def run(cfg: DemoConfig, out: Path, log=print) -> dict:
     counts = ", ".join(f"{k}: {sum(it.kind == k for it in test)}" for k in KIND_COLUMNS)
     log(f"test set: {len(test)} held-out items ({counts})")
     log(table)
-    log("gap = ll_acc - gen_mc (> 0: the right letter ranks first but is not generated); "
+    log("gap = ll_acc - gen_mc (> 0: the right option ranks first by log-likelihood but the generated reply misses "
+        "it: a wrong letter or a reply outside the trained format, counted in invalid); "
         "kl_chat = KL(teacher || model) per assistant token")
-    teacher_acc = rows["teacher"][0].gen_acc
-    if teacher_acc < cfg.teacher_target:
-        log(f"note: the teacher reached gen_acc {teacher_acc:.3f} on test, below the target {cfg.teacher_target}; "
-            "the students are measured against this teacher (see the module docstring)")
+    short = {k: v for k, v in rows["teacher"][0].per_kind.items() if v < cfg.teacher_target}
+    if short:
+        log(f"note: on test the teacher stays below the target {cfg.teacher_target} on "
+            + ", ".join(f"{k} ({v:.3f})" for k, v in short.items())
+            + "; the students are measured against this teacher (see the module docstring)")
     results = {
         "config": cfg.to_dict(), "device": str(device), "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "data": {"train": len(train), "dev": len(dev), "test": len(test)},

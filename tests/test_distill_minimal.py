@@ -4,10 +4,13 @@ import importlib.util
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from fastattn.eval import extract_answer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill_minimal.py"
 ROWS = ("teacher", "student:init", "student:stage1", "student:stage2", "student:stage3")
@@ -106,6 +109,23 @@ def test_quick_run_is_deterministic_in_its_data(quick_run):
     counts = [letters.count(c) for c in "ABCD"]
     assert len(letters) > 0 and max(counts) - min(counts) <= 1          # balanced gold letters in the table
     assert {it.kind for it in test} == {"mc", "kv", "arith"}
+    for it in train[:50] + test:                  # generation must produce the multi-token sentence reply
+        assert it.chat()[-1]["content"] == it.reply == (f"The answer is ({it.answer})." if it.is_mc
+                                                         else f"The answer is {it.answer}.")
+
+
+def test_quick_run_scores_the_sentence_format(quick_run):
+    demo, out, _, _ = quick_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["reply_style"] == "sentence"
+    test = demo.build_tasks(demo.DemoConfig.quick(seed=1))[2]
+    for row in metrics["rows"].values():
+        rep = row["report"]
+        preds = [extract_answer(g, it.options, it.reply_format) for g, it in zip(rep["generations"], test)]
+        assert rep["invalid_rate"] == pytest.approx(sum(p is None for p in preds) / len(test))
+        for g, p in zip(rep["generations"], preds):
+            if not re.fullmatch(r"The answer is .+\.", g.strip().split("\n")[0] if g.strip() else ""):
+                assert p is None, g                  # a reply outside the trained format has no answer
 
 
 def test_bad_arguments(tmp_path):
@@ -120,6 +140,8 @@ def test_bad_arguments(tmp_path):
         demo.DemoConfig.full(stage_steps=(1, 2))
     with pytest.raises(ValueError, match="DemoConfig.kv_pairs must be an int in"):
         demo.DemoConfig.full(kv_pairs=0)
+    with pytest.raises(ValueError, match="DemoConfig.reply_style must be one of"):
+        demo.DemoConfig.full(reply_style="letter")
     with pytest.raises(ValueError, match="DemoConfig.stage_lr"):
         demo.DemoConfig.full(stage_lr=(1e-3, 0.0, 1e-3))
     assert demo.main(["--quick", "--device", "tpu", "--out", str(tmp_path / "y")]) == 2

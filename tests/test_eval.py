@@ -9,7 +9,9 @@ import torch
 from fastattn.eval import (LETTERS, EvalReport, continuation_logprobs, evaluate, extract_answer,
                            format_report_table, generate_answers, loglik_choice, make_tasks, option_logprobs,
                            stop_token_ids)
-from test_eval_utils import TOK, direct_greedy, direct_logprob, prompt_ids, task_model
+from fastattn.eval.scoring import reply_budget
+from test_eval_utils import HIGH, IM_END, MID, TOK, PromptScript, ScriptedLM, direct_greedy, direct_logprob, follow, \
+    prompt_ids, task_model
 from test_models_utils import make_model
 
 
@@ -28,6 +30,15 @@ def test_option_logprobs_match_direct_forward(preset):
         manual = [direct_logprob(model, prompt_ids(it), [ord(c), TOK.im_end_id])[0] for c in it.letters]
         assert row == pytest.approx(manual, abs=1e-4)
         assert choice == max(range(len(manual)), key=manual.__getitem__)
+
+
+def test_option_logprobs_score_the_sentence_reply():
+    model = tiny()
+    items = make_tasks(4, kinds=("mc",), seed=2, reply_style="sentence", num_options=3)
+    for it, row in zip(items, option_logprobs(model, TOK, items, batch_size=5)):
+        manual = [direct_logprob(model, prompt_ids(it), TOK.encode(f"The answer is ({c}).") + [IM_END])[0]
+                  for c in it.letters]
+        assert row == pytest.approx(manual, abs=1e-4)
 
 
 def test_continuation_logprobs_ragged_batch_and_greedy_flag():
@@ -94,6 +105,52 @@ def test_always_A_collapse_is_visible_with_a_gap():
         ["A" if it.answer == "A" else "A." for it in mc]
     table = format_report_table({"collapse": rep})
     assert f"A:{len(mc)}" in table and "inv:0" in table
+
+
+def _format_drift_model(items):
+    """Knows every answer; on multiple choice, teacher-forced after "The answer is (" it puts the right letter first,
+    but greedily it writes "The answer is X." (the parentheses lost): LL right, generation invalid."""
+    head, opening, closing, dot = tuple(TOK.encode("The answer is ")), ord("("), ord(")"), ord(".")
+    policies = {}
+    for it in items:
+        if not it.is_mc:
+            policies[prompt_ids(it)] = follow(TOK.encode(it.reply) + [IM_END])
+            continue
+
+        def pol(gen, right=ord(it.answer)):
+            if len(gen) < len(head):
+                return {head[len(gen)]: HIGH} if gen == head[:len(gen)] else {IM_END: HIGH}
+            rest = gen[len(head):]
+            if rest == ():                                   # greedy: the bare letter beats "("
+                return {right: HIGH, opening: MID}
+            if rest == (opening,):                           # teacher-forced (LL): the right letter first
+                return {right: HIGH}
+            if len(rest) == 2 and rest[0] == opening:
+                return {closing: HIGH}
+            if rest == (right,) or (len(rest) == 3 and rest[0] == opening and rest[2] == closing):
+                return {dot: HIGH}
+            return {IM_END: HIGH}
+        policies[prompt_ids(it)] = pol
+    return ScriptedLM(PromptScript(policies))
+
+
+def test_sentence_format_oracle_and_format_loss_gap():
+    items = make_tasks(16, seed=4, reply_style="sentence")
+    mc = [it for it in items if it.is_mc]
+    oracle = ScriptedLM(PromptScript({prompt_ids(it): follow(TOK.encode(it.reply) + [IM_END]) for it in items}))
+    rep = evaluate(oracle, TOK, items)
+    assert (rep.ll_acc, rep.gen_acc, rep.gap, rep.invalid_rate) == (1.0, 1.0, 0.0, 0.0)
+    assert rep.generations == tuple(it.reply for it in items)
+    assert reply_budget(TOK, items) == max(len(TOK.encode(it.reply)) for it in items) + 2
+    # The bare-letter oracle of test_eval_utils knows every answer but not the sentence format.
+    bare = evaluate(task_model(items, "oracle"), TOK, items)
+    assert bare.gen_acc == 0.0 and bare.invalid_rate == 1.0
+    drift = evaluate(_format_drift_model(items), TOK, items, batch_size=3)
+    assert drift.ll_acc == 1.0 and drift.ll_letter_hist == _letter_counts([it.answer for it in mc], LETTERS[:4])
+    assert drift.gen_acc_mc == 0.0 and drift.gap == 1.0 > 0
+    assert drift.letter_hist["invalid"] == len(mc) and drift.invalid_rate == pytest.approx(len(mc) / len(items))
+    assert drift.per_kind["kv"] == drift.per_kind["arith"] == 1.0
+    assert [g for g, it in zip(drift.generations, items) if it.is_mc] == [f"The answer is {it.answer}." for it in mc]
 
 
 def test_garbage_and_silent_models_count_invalid_answers():

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from fastattn.distill import ByteTokenizer, load_chat_jsonl, load_text_jsonl
 from fastattn.eval import (LETTERS, Item, exact_match, extract_answer, items_to_texts, make_tasks, normalize_text,
                            write_jsonl)
-from fastattn.eval.tasks import CATEGORIES
+from fastattn.eval.tasks import CATEGORIES, REPLY_FORMATS
 
 CATEGORIES_WORDS = {w for words in CATEGORIES.values() for w in words}
 
@@ -124,7 +124,36 @@ def test_arith_options():
 
 def test_new_options_keep_the_defaults():
     assert make_tasks(60, seed=4) == make_tasks(60, seed=4, mc_questions=None, kv_pairs=3, arith_max=50,
-                                                 arith_ops="+-")
+                                                 arith_ops="+-", reply_style="bare")
+
+
+@pytest.mark.parametrize("kinds", [("mc", "kv", "arith"), ("mc",), ("kv", "arith")])
+def test_sentence_reply_style(kinds):
+    bare = make_tasks(30, kinds=kinds, seed=6, kv_pairs=2, arith_max=9)
+    sentence = make_tasks(30, kinds=kinds, seed=6, kv_pairs=2, arith_max=9, reply_style="sentence")
+    assert [(it.kind, it.messages, it.answer, it.options) for it in bare] == \
+        [(it.kind, it.messages, it.answer, it.options) for it in sentence]      # only the reply changes
+    assert all(it.reply_format == "{}" and it.reply == it.answer for it in bare)
+    for it in sentence:
+        expected = f"The answer is ({it.answer})." if it.is_mc else f"The answer is {it.answer}."
+        assert it.reply == expected and it.chat()[-1] == {"role": "assistant", "content": expected}
+        assert it.reply_format == REPLY_FORMATS["sentence"][0 if it.is_mc else 1]
+        assert extract_answer(it.reply, it.options, it.reply_format) == it.answer
+        assert extract_answer(it.answer, it.options, it.reply_format) is None    # the bare answer misses the format
+    assert items_to_texts(sentence[:1])[0].endswith("\n" + sentence[0].reply)
+
+
+def test_reply_format_validation_and_reply_with():
+    user = ({"role": "user", "content": "q"},)
+    it = Item("mc", user, "B", ("x", "y"), reply_format="Answer: ({}).")
+    assert it.reply == "Answer: (B)." and it.reply_with("A") == "Answer: (A)."
+    for bad in ["", "no slot", "{} and {}", "{x} {}", "}{}", "two\nlines {}"]:
+        with pytest.raises(ValueError, match="reply_format must be"):
+            Item("kv", user, "a", reply_format=bad)
+    with pytest.raises(TypeError, match="reply_format must be a str"):
+        Item("kv", user, "a", reply_format=None)
+    with pytest.raises(ValueError, match="reply_style"):
+        make_tasks(3, reply_style="letter")
 
 
 def test_prompts_short_and_system_turn():
@@ -215,6 +244,29 @@ def test_extract_mc(text, expected):
     assert extract_answer(text, OPTS) == expected
 
 
+MC_SENTENCE, FREE_SENTENCE = REPLY_FORMATS["sentence"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is (B).", "B"), ("  The answer is (B).  \nThe answer is (C).", "B"),
+    ("The answer is (B).<|im_end|>junk", "B"), ("The answer is (pear).", "B"), ("The answer is (B) ).", "B"),
+    ("B", None), ("(B)", None), ("The answer is B.", None), ("The answer is (B)", None), ("The answer (B).", None),
+    ("the answer is (B).", None), ("The answer is (E).", None), ("The answer is (A or B).", None),
+    ("The answer is ().", None), ("Sure. The answer is (B).", None), ("", None), ("The answer is (", None),
+])
+def test_extract_mc_sentence_format(text, expected):
+    assert extract_answer(text, OPTS, MC_SENTENCE) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 42.", "42"), ("The answer is Blue.", "blue"), ("\nThe answer is two  words.\nx", "two words"),
+    ("The answer is 7.<|im_end|>", "7"), ("42", None), ("The answer is 42", None), ("The answer is .", None),
+    ("The answer is  .", None), ("<|im_end|>The answer is 7.", None),
+])
+def test_extract_free_form_sentence_format(text, expected):
+    assert extract_answer(text, (), FREE_SENTENCE) == expected
+
+
 def test_extract_mc_respects_option_count():
     assert extract_answer("D", ("x", "y")) is None
     assert extract_answer("D", ("x", "y", "z", "w")) == "D"
@@ -237,6 +289,10 @@ def test_extract_rejects_bad_arguments():
         extract_answer("A", "ABCD")
     with pytest.raises(ValueError, match="at most 8"):
         extract_answer("A", tuple("abcdefghi"))
+    with pytest.raises(ValueError, match="reply_format must hold"):
+        extract_answer("A", OPTS, "no slot")
+    with pytest.raises(TypeError, match="reply_format must be a str"):
+        extract_answer("A", OPTS, None)
 
 
 def test_exact_match():

@@ -3,6 +3,13 @@
 Rules (applied to the text up to the first end-of-turn marker, ``<|im_end|>``, ``<|endoftext|>``,
 ``<|im_start|>`` or ``<|pad|>``, as :meth:`ByteTokenizer.decode` and Qwen-style tokenizers print them):
 
+Reply format first (strict match): when the item has a ``reply_format`` other than ``"{}"`` (e.g.
+``"The answer is ({})."``, see :attr:`fastattn.eval.Item.reply_format`), the first non-empty line, stripped,
+must be exactly that format with a non-empty text in place of ``{}``; otherwise there is no answer (None). The
+text in place of ``{}`` then goes through the rules below as the whole reply. So ``"The answer is (B)."``
+gives B, while ``"B"``, ``"The answer is B."`` or ``"The answer (B)."`` give None: a model that loses the
+trained format shows invalid answers even when it ranks the right option first by log-likelihood.
+
 Multiple choice (``options`` non-empty, valid letters = the first ``len(options)`` of ``ABCDEFGH``):
 
 1. An explicit phrase ``answer is X`` / ``answer: X`` / ``answer X`` (``answer`` in any case, ``X`` a capital
@@ -66,22 +73,29 @@ def _first_line(text: str) -> str:
     return stripped.split("\n", 1)[0].strip() if stripped else ""
 
 
-def extract_answer(text: str, options: Sequence[str] = ()) -> Optional[str]:
+def extract_answer(text: str, options: Sequence[str] = (), reply_format: str = "{}") -> Optional[str]:
     """The answer a generation gives, following the module rules.
 
     Args:
         text: the generated assistant text (special tokens printed by name are allowed; text after the first
             end-of-turn marker is ignored).
         options: the option texts of a multiple-choice item (letter order), or empty for a free-form item.
+        reply_format: the item's reply format (``{}`` once, standing for the answer); ``"{}"`` (default)
+            accepts any reply, another format is matched strictly against the first non-empty line.
     Returns:
-        multiple choice: a valid capital letter or None (no valid letter, or an ambiguous answer);
-        free form: the normalised first non-empty line, or None when empty.
+        multiple choice: a valid capital letter or None (no valid letter, an ambiguous answer, or the reply
+        format not matched); free form: the normalised first non-empty line (or the normalised text in place
+        of ``{}``), or None when empty or when the format is not matched.
 
     Example:
         >>> opts = ("cat", "pear", "red", "bus")
         >>> [extract_answer(t, opts) for t in ["B", "B.", "The answer is B", "(B)", "pear", "A or B", "E", ""]]
         ['B', 'B', 'B', 'B', 'B', None, None, None]
         >>> extract_answer(" 42.\\nbecause", ())
+        '42'
+        >>> [extract_answer(t, opts, "The answer is ({}).") for t in ["The answer is (B).", "B", "The answer is B."]]
+        ['B', None, None]
+        >>> extract_answer("The answer is 42.", (), "The answer is {}.")
         '42'
     """
     if not isinstance(text, str):
@@ -90,7 +104,17 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> Optional[str]:
         raise TypeError(f"options must be a tuple of option texts, got {type(options).__name__}")
     if len(options) > len(LETTERS):
         raise ValueError(f"options must hold at most {len(LETTERS)} texts, got {len(options)}")
+    if not isinstance(reply_format, str):
+        raise TypeError(f"reply_format must be a str, got {type(reply_format).__name__}")
+    if reply_format.count("{}") != 1:
+        raise ValueError(f"reply_format must hold '{{}}' exactly once, got {reply_format!r}")
     text = cut_turn(text)
+    if reply_format != "{}":
+        head, tail = reply_format.split("{}")
+        match = re.fullmatch(re.escape(head) + "(.+?)" + re.escape(tail), _first_line(text))
+        if match is None:
+            return None
+        text = match.group(1)
     if not options:
         line = normalize_text(_first_line(text))
         return line or None

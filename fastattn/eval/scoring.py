@@ -2,10 +2,12 @@
 
 Log-likelihood (LL) scoring ranks the *letter* continuations, not the option texts: for option ``L`` the
 continuation is what a correct chat completion would hold, the assistant span of
-``render_chat(messages + [{"role": "assistant", "content": L}])`` (the letter and the end-of-turn token),
+``render_chat(messages + [{"role": "assistant", "content": item.reply_with(L)}])`` (the reply for letter
+``L`` in the item's reply format, e.g. ``"B"`` or ``"The answer is (B)."``, and the end-of-turn token),
 scored after the prompt rendered with the generation header. That is exactly what greedy generation has to
-produce, so the gap between LL accuracy and generation accuracy measures format failures (e.g. an "always A"
-collapse) rather than a difference between two questions.
+produce, so the gap between LL accuracy and generation accuracy measures generation failures (an "always A"
+collapse, a lost or drifting reply format) rather than a difference between two questions. With a multi-token
+format the LL scorer reads the format tokens teacher-forced, while generation has to produce them itself.
 
 Batches are left-padded with an attention mask (models whose layers are all attention/KDA) or made of rows of
 equal length (models with EVA layers, which cannot skip padding). Log-probabilities are computed in fp32.
@@ -170,7 +172,8 @@ def option_logprobs(model, tokenizer, items: Sequence[Item], *, batch_size: int 
         items: multiple-choice :class:`Item` objects (TypeError/ValueError for others).
         batch_size: rows (item x option) per forward pass.
     Returns:
-        ``scores[i][j]`` = log p(letter j + end-of-turn | rendered prompt of item i with generation header).
+        ``scores[i][j]`` = log p(reply for letter j + end-of-turn | rendered prompt of item i with generation
+        header), the reply being ``items[i].reply_with(letter)``.
 
     Example:
         >>> from fastattn.distill import ByteTokenizer
@@ -190,7 +193,7 @@ def option_logprobs(model, tokenizer, items: Sequence[Item], *, batch_size: int 
             raise ValueError(f"items[{i}] must be multiple choice (with options), got kind {it.kind!r}")
         prompt = _prompt_ids(tokenizer, it)
         for letter in it.letters:
-            full = tokenizer.render_chat(list(it.messages) + [{"role": "assistant", "content": letter}])
+            full = tokenizer.render_chat(list(it.messages) + [{"role": "assistant", "content": it.reply_with(letter)}])
             s, e = full.spans[-1]
             pairs.append((prompt, list(full.ids[s:e])))
     flat = continuation_logprobs(model, pairs, batch_size=batch_size)
@@ -282,7 +285,20 @@ def generate_token_ids(model, prompts: Sequence[Sequence[int]], *, max_new_token
     return out
 
 
-def generate_answers(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 8,
+def reply_budget(tokenizer, items: Sequence[Item]) -> int:
+    """The default generation budget for ``items``: the longest gold reply in tokens plus 2, at least 8.
+
+    Example:
+        >>> from fastattn.distill import ByteTokenizer
+        >>> from fastattn.eval.tasks import make_tasks
+        >>> reply_budget(ByteTokenizer(), make_tasks(4, kinds=("mc",))), reply_budget(ByteTokenizer(),
+        ...     make_tasks(4, kinds=("mc",), reply_style="sentence"))
+        (8, 20)
+    """
+    return max([8] + [len(tokenizer.encode(it.reply)) + 2 for it in _check_items(items)])
+
+
+def generate_answers(model, tokenizer, items: Sequence[Item], *, max_new_tokens: Optional[int] = None,
                      batch_size: int = 16) -> List[str]:
     """Greedy assistant replies to each item's prompt, decoded up to the end-of-turn (or eos) token.
 
@@ -290,7 +306,7 @@ def generate_answers(model, tokenizer, items: Sequence[Item], *, max_new_tokens:
         model: a model with ``generate(list_of_prompt_ids, max_new_tokens=..., eos_token_id=[...])``.
         tokenizer: ``fastattn.distill.Tokenizer``; prompts are ``render_chat(messages, add_generation_prompt=True)``.
         items: :class:`Item` list (any kinds).
-        max_new_tokens: generation budget per item.
+        max_new_tokens: generation budget per item; None (default): :func:`reply_budget` of the items.
         batch_size: prompts per ``generate`` call (sorted by length to limit padding).
     Returns:
         one decoded text per item, without the stop token.
@@ -306,6 +322,8 @@ def generate_answers(model, tokenizer, items: Sequence[Item], *, max_new_tokens:
         3
     """
     items = _check_items(items)
+    if max_new_tokens is None:
+        max_new_tokens = reply_budget(tokenizer, items)
     stops = stop_token_ids(tokenizer)
     prompts = [_prompt_ids(tokenizer, it) for it in items]
     new = generate_token_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stops=stops)
@@ -366,7 +384,7 @@ class EvalReport:
         return d
 
 
-def evaluate(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 8,
+def evaluate(model, tokenizer, items: Sequence[Item], *, max_new_tokens: Optional[int] = None,
              batch_size: int = 16) -> EvalReport:
     """Score ``items`` by LL ranking (multiple-choice items) and greedy generation with answer extraction.
 
@@ -374,8 +392,9 @@ def evaluate(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 8
         model: a :class:`~fastattn.models.HybridLM` (or any model with the same forward/generate calls) on any
             device; it is put in eval mode for the call (its training flag is restored) and run without autograd.
         tokenizer: ``fastattn.distill.Tokenizer`` (e.g. ``ByteTokenizer``).
-        items: at least one :class:`Item`.
-        max_new_tokens: generation budget per item.
+        items: at least one :class:`Item`; generations are read with each item's ``reply_format``
+            (:func:`~fastattn.eval.extract_answer`).
+        max_new_tokens: generation budget per item; None (default): :func:`reply_budget` of the items.
         batch_size: rows per forward / prompts per generate call.
     Returns:
         an :class:`EvalReport`.
@@ -404,7 +423,7 @@ def evaluate(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 8
             ll_hist[LETTERS[c]] += 1
         ll_acc = sum(c == items[i].answer_index for i, c in zip(mc_idx, choices)) / len(mc_idx)
     texts = generate_answers(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    preds = [extract_answer(t, it.options) for t, it in zip(texts, items)]
+    preds = [extract_answer(t, it.options, it.reply_format) for t, it in zip(texts, items)]
     correct = [is_correct(it, p) for it, p in zip(items, preds)]
     gen_hist = {c: 0 for c in letters}
     gen_hist["invalid"] = 0

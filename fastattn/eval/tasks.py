@@ -16,9 +16,17 @@ options):
 
 Every answer is lowercase or a digit string or a capital letter, so the normalisation of
 :func:`fastattn.eval.normalize_text` leaves it unchanged.
+
+The assistant reply is ``Item.reply``: the answer put into the item's ``reply_format``. With
+``reply_style="bare"`` (default) the reply is the answer itself (one letter token for multiple choice); with
+``"sentence"`` it is a multi-token sentence (:data:`REPLY_FORMATS`): ``"The answer is (B)."`` for multiple
+choice, ``"The answer is 42."`` otherwise. Generation must then produce the whole sentence, and
+:func:`fastattn.eval.extract_answer` accepts only that form, so a model that loses the format shows invalid
+answers while log-likelihood ranking (which scores each option's reply) can still be right.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -32,6 +40,9 @@ LETTERS = "ABCDEFGH"
 MAX_OPTIONS = len(LETTERS)
 KV_PAIRS = 3
 ARITH_MAX = 50
+REPLY_STYLES = ("bare", "sentence")
+#: ``{style: (multiple-choice format, free-form format)}``; ``{}`` stands for the letter / the answer.
+REPLY_FORMATS = {"bare": ("{}", "{}"), "sentence": ("The answer is ({}).", "The answer is {}.")}
 MC_QUESTIONS = ("animal", "colour", "fruit", "vehicle", "largest", "smallest", "number")
 DEFAULT_MC_QUESTIONS = MC_QUESTIONS[:6]
 
@@ -60,16 +71,21 @@ class Item:
         answer: the exact target completion (``"B"``, ``"42"``, ``"blue"``).
         options: for multiple choice, the option texts in letter order A, B, C, ...; then ``answer`` must be one
             of the first ``len(options)`` letters. Empty for free-form items.
+        reply_format: the assistant reply with ``{}`` (exactly once, no other braces) standing for the answer;
+            default ``"{}"`` (the reply is the answer). E.g. ``"The answer is ({})."``.
 
     Example:
         >>> it = Item("arith", ({"role": "user", "content": "What is 2 + 3?"},), "5")
         >>> it.chat()[-1]
         {'role': 'assistant', 'content': '5'}
+        >>> Item("arith", it.messages, "5", reply_format="The answer is {}.").reply
+        'The answer is 5.'
     """
     kind: str
     messages: tuple
     answer: str
     options: tuple = ()
+    reply_format: str = "{}"
 
     def __post_init__(self):
         if not isinstance(self.kind, str) or not self.kind:
@@ -92,6 +108,11 @@ class Item:
         if self.options and self.answer not in LETTERS[:len(self.options)]:
             raise ValueError(f"answer must be one of the letters {LETTERS[:len(self.options)]!r} for "
                              f"{len(self.options)} options, got {self.answer!r}")
+        if not isinstance(self.reply_format, str):
+            raise TypeError(f"reply_format must be a str, got {type(self.reply_format).__name__}")
+        if self.reply_format.count("{}") != 1 or any(c in self.reply_format.replace("{}", "") for c in "{}\n"):
+            raise ValueError(f"reply_format must be one line holding '{{}}' exactly once and no other braces, "
+                             f"got {self.reply_format!r}")
 
     @property
     def is_mc(self) -> bool:
@@ -110,9 +131,18 @@ class Item:
             raise ValueError(f"answer_index needs a multiple-choice item, got kind {self.kind!r} without options")
         return LETTERS.index(self.answer)
 
+    @property
+    def reply(self) -> str:
+        """The exact assistant reply: ``answer`` put into ``reply_format``."""
+        return self.reply_with(self.answer)
+
+    def reply_with(self, answer: str) -> str:
+        """The reply this item's format gives for ``answer`` (e.g. another option letter, for LL ranking)."""
+        return self.reply_format.replace("{}", answer)
+
     def chat(self) -> List[dict]:
-        """The prompt turns followed by the assistant answer (a training conversation); fresh dicts."""
-        return [dict(m) for m in self.messages] + [{"role": "assistant", "content": self.answer}]
+        """The prompt turns followed by the assistant reply (a training conversation); fresh dicts."""
+        return [dict(m) for m in self.messages] + [{"role": "assistant", "content": self.reply}]
 
 
 def _mc_item(rng: random.Random, letter_pos: int, num_options: int, system: Optional[str],
@@ -176,7 +206,7 @@ def _key(item: Item) -> Tuple:
 def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_options: int = 4,
                system: Optional[str] = None, exclude: Iterable[Item] = (),
                mc_questions: Optional[Sequence[str]] = None, kv_pairs: int = KV_PAIRS, arith_max: int = ARITH_MAX,
-               arith_ops: str = "+-") -> List[Item]:
+               arith_ops: str = "+-", reply_style: str = "bare") -> List[Item]:
     """Generate ``n`` synthetic task items, the same ones for the same arguments.
 
     Kinds are spread evenly (counts differ by at most one, order shuffled). Among the ``mc`` items the correct
@@ -196,6 +226,9 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         kv_pairs: ``"key: value"`` lines per key-value item, 1..8 (default 3).
         arith_max: largest operand of the arithmetic items, >= 1 (default 50; 9 gives single-digit sums).
         arith_ops: the operators to draw from, a non-empty string of ``"+"`` and/or ``"-"`` (default ``"+-"``).
+        reply_style: ``"bare"`` (default: the reply is the answer) or ``"sentence"`` (``"The answer is (B)."``,
+            ``"The answer is 42."``; see :data:`REPLY_FORMATS`). It sets ``Item.reply_format``; the items are
+            otherwise the same for the same seed.
     Returns:
         list of :class:`Item`. Items may repeat within one call (the arithmetic space is finite).
     Raises:
@@ -209,6 +242,8 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         True
         >>> make_tasks(1, kinds=("arith",), arith_max=9, arith_ops="+")[0].messages[0]["content"]
         'Compute 6 + 6.'
+        >>> make_tasks(1, kinds=("mc",), reply_style="sentence")[0].chat()[-1]["content"]
+        'The answer is (A).'
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -236,6 +271,9 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
         raise ValueError(f"arith_max must be an int >= 1, got {arith_max!r}")
     if not isinstance(arith_ops, str) or not arith_ops or any(op not in "+-" for op in arith_ops):
         raise ValueError(f"arith_ops must be a non-empty str of '+' and/or '-', got {arith_ops!r}")
+    if reply_style not in REPLY_STYLES:
+        raise ValueError(f"reply_style must be one of {REPLY_STYLES}, got {reply_style!r}")
+    mc_format, free_format = REPLY_FORMATS[reply_style]
     excluded = set()
     for it in exclude:
         if not isinstance(it, Item):
@@ -261,7 +299,7 @@ def make_tasks(n: int, *, kinds: Sequence[str] = KINDS, seed: int = 0, num_optio
                 break
         else:
             raise ValueError(f"exclude holds {len(excluded)} items: could not draw a new {kind!r} item in 1000 tries")
-        items.append(item)
+        items.append(dataclasses.replace(item, reply_format=mc_format if item.is_mc else free_format))
     return items
 
 
@@ -295,14 +333,14 @@ def write_jsonl(items: Sequence[Item], path) -> int:
 
 
 def items_to_texts(items: Sequence[Item]) -> List[str]:
-    """Plain-text renderings for stage-1/2 text data: the message contents then the answer, one per line.
+    """Plain-text renderings for stage-1/2 text data: the message contents then the reply, one per line.
 
     Example:
         >>> items_to_texts([Item("arith", ({"role": "user", "content": "What is 2 + 3?"},), "5")])
         ['What is 2 + 3?\\n5']
     """
     items = _check_items(items)
-    return ["\n".join([m["content"] for m in it.messages] + [it.answer]) for it in items]
+    return ["\n".join([m["content"] for m in it.messages] + [it.reply]) for it in items]
 
 
 def _check_items(items) -> List[Item]:
