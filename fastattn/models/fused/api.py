@@ -131,14 +131,25 @@ def causal_conv_heads(qkv: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return q, k, v
 
 
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm: fp32 statistics, the normalised row rounded to x's dtype, then times weight."""
+    h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def _gated_norm_torch(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Reference of :func:`gated_rms_norm`: the RMSNorm module's math (fp32 statistics), then the gate."""
     B, T, H, D = x.shape
-    dtype = x.dtype
-    h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    o = weight * h.to(dtype) * torch.sigmoid(gate).reshape(B, T, H, D)
-    return o.reshape(B, T, H * D).to(dtype)
+    o = _rms_norm_torch(x, weight, eps) * torch.sigmoid(gate).reshape(B, T, H, D)
+    return o.reshape(B, T, H * D).to(x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -172,10 +183,7 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     check_tensor("weight", weight, ndim=1)
     _check_device("weight", weight, "x", x)
     check_shape("weight", weight, (D,), "[D]")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _check_eps(eps)
 
     if not _use_triton(x, gate, weight):
         return _gated_norm_torch(x, gate, weight, eps)
@@ -207,14 +215,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     check_tensor("weight", weight, ndim=1)
     _check_device("weight", weight, "x", x)
     check_shape("weight", weight, (x.shape[-1],), "[D], D = x.shape[-1]")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _check_eps(eps)
     if weight.dtype != x.dtype or not _use_triton(x, weight):
-        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
+        return _rms_norm_torch(x, weight, eps)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     launch_gated_rms_norm_fwd(x.contiguous(), None, weight.contiguous(), out, float(eps))
     return out
