@@ -30,3 +30,20 @@ def select_backend(x: torch.Tensor) -> str:
             f"(got TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}); move the tensors to CUDA "
             "or use FASTATTN_BACKEND=torch")
     return "triton"
+
+
+def eager_inference(*tensors) -> bool:
+    """True when the registered ``torch.library`` op of a kernel can be skipped and its launcher called
+    directly: no gradient can reach any of ``tensors`` (None entries ignored), no tracer (``torch.compile``,
+    ``torch.export``) is active, and every tensor is a plain tensor (not a FakeTensor or other subclass).
+    The op's dispatch (schema, autograd and alias checks in Python) is host time, and a Hybrid-KDA prefill of 8K
+    tokens is already about as long on the host (~24-35 ms on the H200 host) as on the GPU (~38 ms)."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or (grad and t.requires_grad):
+            return False
+    return True

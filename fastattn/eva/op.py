@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from .._backend import eager_inference
 from .launch import Layout, eva_backward, eva_forward, pool_bwd, pool_fwd
 from .options import EvaOptions
 
@@ -117,12 +118,21 @@ eva_pool_fwd_op.register_autograd(_backward_pool, setup_context=_setup_pool)
 
 
 def flash_eva_triton(q, k, v, mu, phi, opts: EvaOptions, cu_seqlens=None):
-    """Run the Triton FlashEVA through the registered op; returns (o, lse [B, H, T] fp32)."""
+    """Run the Triton FlashEVA through the registered op (or straight to the launcher when no gradient or
+    tracer is involved); returns (o, lse [B, H, T] fp32)."""
+    if eager_inference(q, k, v, mu, phi, cu_seqlens):
+        out = eva_forward(q, k, v, mu, phi, cu_seqlens, opts)
+        return out[0], out[1]
     out = eva_fwd_op(q, k, v, mu, phi, cu_seqlens, opts.scale, opts.window_size, opts.chunk_size, opts.sliding)
     return out[0], out[1]
 
 
 def eva_landmarks_triton(k, v, mu, phi, opts: EvaOptions):
-    """Triton landmark pooling through the registered op; returns (k_lm, v_lm)."""
+    """Triton landmark pooling through the registered op (or straight to the launcher when no gradient or
+    tracer is involved); returns (k_lm, v_lm)."""
+    if eager_inference(k, v, mu, phi):
+        out = pool_fwd(k, v, mu, phi, Layout(k.shape[0], k.shape[1], opts.chunk_size, None),
+                       _opts(opts.scale, opts.chunk_size, opts.chunk_size, False))
+        return out[0], out[1]
     out = eva_pool_fwd_op(k, v, mu, phi, opts.scale, opts.chunk_size)
     return out[0], out[1]

@@ -4,6 +4,7 @@ from typing import List, Optional
 
 import torch
 
+from .._backend import eager_inference
 from .chunk_launch import state_dtype, chunk_kda_bwd, chunk_kda_fwd, effective_chunk
 from .options import KDAOptions
 
@@ -99,6 +100,9 @@ def chunk_kda_triton(q, k, v, g, beta, *, opts: KDAOptions, initial_state=None, 
     """Run the chunked Triton kernels through the registered op; returns (o, final_state or None).
     The forward keeps what the backward needs only when a gradient can flow (inference skips those writes)."""
     tensors = (q, k, v, g, beta, initial_state, A_log, dt_bias)
+    if eager_inference(*tensors, cu_seqlens):   # no autograd, no tracer: skip the op's dispatch
+        o, ht, _ = chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts, save=False)
+        return o, ht
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out = kda_chunk_fwd_op(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts.scale,
                            opts.use_qk_l2norm, opts.use_gate, opts.use_beta_sigmoid, opts.lower_bound,

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
+from .._backend import eager_inference
 from .options import KDAOptions
 from .recurrent_bwd import launch_recurrent_bwd
 from .recurrent_fwd import launch_recurrent_fwd
@@ -27,6 +28,18 @@ def _num_states(q, cu_seqlens):
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
+def _recurrent_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts: KDAOptions):
+    """Launch the forward kernel; returns (o, final state or None)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
+    ht = torch.empty(_num_states(q, cu_seqlens), HV, K, V, device=q.device, dtype=torch.float32) \
+        if opts.output_final_state else None
+    launch_recurrent_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, o, ht, None, cu_seqlens, None, opts,
+                         SEGMENT)
+    return o, ht
+
+
 @torch.library.custom_op("fastattn::kda_recurrent_fwd", mutates_args=())
 def kda_recurrent_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                          A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
@@ -35,13 +48,7 @@ def kda_recurrent_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                          lower_bound: Optional[float], output_final_state: bool
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     opts = _opts(scale, use_qk_l2norm, use_gate, use_beta_sigmoid, lower_bound, output_final_state)
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
-    ht = torch.empty(_num_states(q, cu_seqlens), HV, K, V, device=q.device, dtype=torch.float32) \
-        if output_final_state else None
-    launch_recurrent_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, o, ht, None, cu_seqlens, None, opts,
-                         SEGMENT)
+    o, ht = _recurrent_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts)
     return o, (ht if ht is not None else q.new_zeros(0, dtype=torch.float32))
 
 
@@ -125,6 +132,8 @@ def recurrent_kda_triton(q, k, v, g, beta, *, opts: KDAOptions, initial_state=No
     """Run the token-by-token Triton kernels through the registered op; returns (o, final_state or None).
 
     Arguments arrive validated and contiguous from :func:`fastattn.fused_recurrent_kda`."""
+    if eager_inference(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens):  # skip the op's dispatch
+        return _recurrent_fwd(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts)
     o, ht = kda_recurrent_fwd_op(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, opts.scale,
                                  opts.use_qk_l2norm, opts.use_gate, opts.use_beta_sigmoid, opts.lower_bound,
                                  opts.output_final_state)
