@@ -116,7 +116,9 @@ def build_thin(preset, shape, dtype, device):
     cfg = HybridConfig.from_preset(preset, **shape)
     with torch.device(device), _DefaultDtype(dtype):
         model = HybridLM(cfg)
-    return model.to(dtype).eval()
+    # explicit move as well: one GPU smoke-test run found an EVA model's tensor left on the CPU after building
+    # under the device context (index_select with the index on cuda:0); a no-op when everything is there
+    return model.to(device=device, dtype=dtype).eval()
 
 
 class FlaKDAMixer(torch.nn.Module):
@@ -159,7 +161,7 @@ def build_hf(shape, dtype, device):
     hc._attn_implementation = "sdpa"
     with torch.device(device), _DefaultDtype(dtype):
         model = Qwen3ForCausalLM(hc)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 # ---- runners: one interface for thin models and the transformers baseline -----------------------------
