@@ -78,8 +78,8 @@ class DemoConfig:
     teacher_warmup: int = 50
     teacher_eval_every: int = 100
     teacher_target: float = 0.8
-    stage_steps: Tuple[int, int, int] = (50, 80, 80)
-    stage_lr: Tuple[float, float, float] = (3e-3, 3e-4, 3e-4)
+    stage_steps: Tuple[int, int, int] = (50, 80, 200)
+    stage_lr: Tuple[float, float, float] = (3e-3, 1e-3, 1e-3)
     stage_batch: int = 16
     eval_batch: int = 64
     seq_len: int = 256
