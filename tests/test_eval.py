@@ -9,7 +9,7 @@ import torch
 from fastattn.eval import (LETTERS, EvalReport, continuation_logprobs, evaluate, extract_answer,
                            format_report_table, generate_answers, loglik_choice, make_tasks, option_logprobs,
                            stop_token_ids)
-from fastattn.eval.scoring import reply_budget
+from fastattn.eval import reply_budget
 from test_eval_utils import HIGH, IM_END, MID, TOK, PromptScript, ScriptedLM, direct_greedy, direct_logprob, follow, \
     prompt_ids, task_model
 from test_models_utils import make_model
