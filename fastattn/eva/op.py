@@ -72,8 +72,13 @@ eva_fwd_op.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 @torch.library.custom_op("fastattn::eva_pool_fwd", mutates_args=())
 def eva_pool_fwd_op(k: Tensor, v: Tensor, mu: Tensor, phi: Tensor, scale: float, chunk_size: int) -> List[Tensor]:
-    opts = _opts(scale, chunk_size, chunk_size, False)
-    return list(pool_fwd(k, v, mu, phi, Layout(k.shape[0], k.shape[1], chunk_size, None), opts))
+    return list(_pool(k, v, mu, phi, scale, chunk_size))
+
+
+def _pool(k, v, mu, phi, scale: float, chunk_size: int):
+    """Launch the pooling alone (plain batches): (k_lm, v_lm, lm_lse)."""
+    return pool_fwd(k, v, mu, phi, Layout(k.shape[0], k.shape[1], chunk_size, None),
+                    _opts(scale, chunk_size, chunk_size, False))
 
 
 @eva_pool_fwd_op.register_fake
@@ -131,8 +136,7 @@ def eva_landmarks_triton(k, v, mu, phi, opts: EvaOptions):
     """Triton landmark pooling through the registered op (or straight to the launcher when no gradient or
     tracer is involved); returns (k_lm, v_lm)."""
     if eager_inference(k, v, mu, phi):
-        out = pool_fwd(k, v, mu, phi, Layout(k.shape[0], k.shape[1], opts.chunk_size, None),
-                       _opts(opts.scale, opts.chunk_size, opts.chunk_size, False))
+        out = _pool(k, v, mu, phi, opts.scale, opts.chunk_size)
         return out[0], out[1]
     out = eva_pool_fwd_op(k, v, mu, phi, opts.scale, opts.chunk_size)
     return out[0], out[1]
