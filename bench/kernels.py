@@ -72,6 +72,9 @@ def flex_baseline(B, T, W, C, local):
     """Compiled FlexAttention over cat(K, K_landmarks) with the EVA mask, PyTorch pooling included.
     Takes and returns the flash-attn layout [B, T, heads, D] (transposes are part of the baseline)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # every case compiles afresh: past dynamo's recompile limit (8) flex_attention silently falls back to a
+    # dense eager path (it ran out of memory at T = 16384 as the fifth case)
+    torch._dynamo.reset()
     n = T // C
     scale = D ** -0.5
 
@@ -199,9 +202,10 @@ def run_decode(res, contexts, batches=(1, 8), W=2048, C=16):
             torch.cuda.empty_cache()
 
 
-SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3)],
-         "dq": [(128, 32, 8, 2), (64, 64, 4, 2)],
-         "dkv": [(64, 64, 8, 2), (64, 32, 8, 2)]}
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3)],
+         "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
+         "dkv": [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 2)],
+         "lm": [(32, 64, 4, 3), (64, 64, 4, 3)]}
 
 
 def run_sweep(res, c):
@@ -254,11 +258,14 @@ def run_eva(args):
         run_smoke()
         return
     cases = EVA_CASES[:2] if args.quick else EVA_CASES
+    if args.case:
+        cases = [c for c in cases if any(s in case_name(c) for s in args.case.split(","))]
     if args.sweep:
         run_sweep(res, EVA_CASES[1])
     for c in cases:
         run_eva_case(c, res, ("fwd", "fwdbwd"))
-    run_decode(res, DECODE_CTX[:1] if args.quick else DECODE_CTX)
+    if not args.no_decode:
+        run_decode(res, DECODE_CTX[:1] if args.quick else DECODE_CTX)
     rows = [r for r in res.rows if r["mode"] in ("fwd", "fwdbwd")]
     print("\n## FlashEVA kernels (ms, median; speedup = FlexAttention time / this time)")
     print(table(rows, ["case", "mode", "provider", "ms", "speedup_vs_flex", "useful_tflops"]))
@@ -282,6 +289,8 @@ def main():
     p.add_argument("--baseline", default="fla", choices=["fla", "none"], help="kda: compare against fla-core")
     p.add_argument("--sweep", action="store_true", help="time tile choices first")
     p.add_argument("--smoke", action="store_true", help="run every kernel once at a small shape and exit")
+    p.add_argument("--no-decode", action="store_true", help="eva: skip the decode-step timings")
+    p.add_argument("--case", default="", help="eva: only cases whose name contains one of these (comma-separated)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args()
     if not torch.cuda.is_available():

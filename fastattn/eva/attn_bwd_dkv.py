@@ -44,12 +44,12 @@ def dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_
 
 
 @triton.jit
-def dkv_sweep(k, v, dk, dv, q, do, lse, delta, base, o_j, m_j, i_hk, bos, i_b, T, seq_len, W, C, qk_scale, scale,
-              t_start, f1, f2, t_end, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+def dkv_sweep(k, v, dk, dv, q, do, lse, delta, base, out_base, o_j, m_j, i_hk, bos, i_b, T, seq_len, W, C, qk_scale,
+              scale, t_start, f1, f2, t_end, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
               BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SLIDING: tl.constexpr, LANDMARK: tl.constexpr,
               PREC: tl.constexpr):
     """Rows base + o_j of k, v (head i_hk): sum the query blocks [t_start, t_end) of every query head of kv
-    head i_hk (blocks in [f1, f2) unmasked) and store dk (times scale) and dv into the same rows."""
+    head i_hk (blocks in [f1, f2) unmasked) and store dk (times scale) and dv into rows out_base + o_j."""
     G: tl.constexpr = H // HKV
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -69,8 +69,8 @@ def dkv_sweep(k, v, dk, dv, q, do, lse, delta, base, o_j, m_j, i_hk, bos, i_b, T
         for t0 in range(tl.maximum(f1, f2), t_end, BT):
             b_dk, b_dv = dkv_block(b_dk, b_dv, b_k, b_v, q, do, lse, delta, t0, h0, bos, lse_tok0, i_b, T, o_j,
                                    seq_len, W, C, qk_scale, H, D, GP, BT, BD, SLIDING, LANDMARK, True, PREC)
-    store_rows(dk, b_dk * scale, base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
-    store_rows(dv, b_dv, base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
+    store_rows(dk, b_dk * scale, out_base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
+    store_rows(dv, b_dv, out_base + o_j, i_hk, m_j, o_d, m_d, HKV, D)
 
 
 @triton.jit(do_not_specialize=["T", "N_LM", "W", "C"])
@@ -90,5 +90,5 @@ def eva_attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, lm_offs
     end = tl.minimum(last_query_of_key(j_last, W, C, SLIDING), seq_len - 1) + 1
     f1 = ((j_last + BT - 1) // BT) * BT  # query blocks from f1 on lie on or after every key
     f2 = ((tl.minimum(last_query_of_key(j0, W, C, SLIDING), seq_len - 1) + 1) // BT) * BT
-    dkv_sweep(k, v, dk, dv, q, do, lse, delta, bos, o_j, o_j < seq_len, i_hk, bos, i_b, T, seq_len, W, C,
+    dkv_sweep(k, v, dk, dv, q, do, lse, delta, bos, bos, o_j, o_j < seq_len, i_hk, bos, i_b, T, seq_len, W, C,
               qk_scale, scale, j0, f1, f2, end, H, HKV, D, GP, BT, BN, BD, SLIDING, False, PREC)

@@ -1,10 +1,11 @@
-"""FlashEVA backward, stage 3: gradients of the landmarks.
+"""FlashEVA backward, stage 3: gradients of the landmarks, in query segments.
 
 Landmark c is seen by every query t >= t_min(c) of its sequence; dvl_c = sum_t P_tc dO_t and
-dkl_c = s sum_t dS_tc q_t, summed over the query heads of its kv head.
-Grid (landmark blocks of BN, Hkv, B), earliest (heaviest) blocks first; a program loops over query
-blocks (BT tokens x GP heads), masking only edge blocks. Reads q, k_lm, v_lm, do, lse, delta;
-writes dk_lm, dv_lm [B, N_LM, Hkv, D] fp32 (consumed by the pooling backward).
+dkl_c = s sum_t dS_tc q_t, summed over the query heads of its kv head. The queries of a sequence are cut
+into NSEG equal segments (multiples of BT) so the early landmarks, seen by nearly every query, do not
+serialise on one program; segment i writes partial sums to slice i (the pooling backward adds the slices).
+Grid (landmark blocks of BN, Hkv x NSEG, B); reads q, k_lm, v_lm, do, lse, delta; writes dk_lm, dv_lm
+[NSEG, B, N_LM, Hkv, D] fp32.
 """
 import triton
 import triton.language as tl
@@ -18,8 +19,9 @@ def eva_attn_bwd_lm_kernel(q, k_lm, v_lm, do, lse, delta, dk_lm, dv_lm, cu_seqle
                            qk_scale, scale, T, N_LM, W, C,
                            H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                            BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SLIDING: tl.constexpr,
-                           IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_z, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                           IS_VARLEN: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr):
+    i_z, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk, i_s = i_hs % HKV, i_hs // HKV
     i_n, i_blk, bos, seq_len, lm_bos = seq_layout(cu_seqlens, lm_offsets, blk_seq, blk_idx, i_b, i_z, T, N_LM,
                                                   IS_VARLEN)
     if i_n < 0:
@@ -28,8 +30,13 @@ def eva_attn_bwd_lm_kernel(q, k_lm, v_lm, do, lse, delta, dk_lm, dv_lm, cu_seqle
     c0 = i_blk * BN
     o_c = c0 + tl.arange(0, BN)
     c_last = tl.minimum(c0 + BN, n_lm) - 1
-    start = first_query_of_landmark(c0, W, C, SLIDING)
-    f1 = ((first_query_of_landmark(c_last, W, C, SLIDING) + BT - 1) // BT) * BT  # every row sees every landmark
-    f2 = (seq_len // BT) * BT
-    dkv_sweep(k_lm, v_lm, dk_lm, dv_lm, q, do, lse, delta, lm_bos, o_c, o_c < n_lm, i_hk, bos, i_b, T, seq_len, W, C,
-              qk_scale, scale, start, f1, f2, seq_len, H, HKV, D, GP, BT, BN, BD, SLIDING, True, PREC)
+    seg = tl.cdiv(tl.cdiv(seq_len, NSEG), BT) * BT
+    s0 = i_s * seg
+    s1 = tl.minimum(s0 + seg, seq_len)
+    start = tl.maximum(first_query_of_landmark(c0, W, C, SLIDING), s0)
+    # from f1 on every row sees every landmark of the block
+    f1 = tl.maximum(((first_query_of_landmark(c_last, W, C, SLIDING) + BT - 1) // BT) * BT, s0)
+    f2 = tl.minimum((seq_len // BT) * BT, s1)
+    out_base = i_s.to(tl.int64) * tl.num_programs(2) * N_LM + lm_bos
+    dkv_sweep(k_lm, v_lm, dk_lm, dv_lm, q, do, lse, delta, lm_bos, out_base, o_c, o_c < n_lm, i_hk, bos, i_b, T,
+              seq_len, W, C, qk_scale, scale, start, f1, f2, s1, H, HKV, D, GP, BT, BN, BD, SLIDING, True, PREC)

@@ -3,7 +3,8 @@
 With alpha = softmax(mu.k), beta = softmax(s (phi.k - |k|^2/2)) per chunk and a_m = alpha_m (k_m.dkl - kl.dkl),
 b_m = beta_m (v_m.dvl - vl.dvl): dk_m += alpha_m dkl + a_m mu + s b_m (phi - k_m), dv_m += beta_m dvl,
 dmu += sum a_m k_m, dphi += s sum b_m k_m. kl.dkl and vl.dvl are re-summed from the tokens in fp32.
-Grid (chunk groups of NCB, Hkv, B); reads k, v, mu, phi, lm_lse, dk_lm, dv_lm and dk, dv; writes dk, dv
+Grid (chunk groups of NCB, Hkv, B); reads k, v, mu, phi, lm_lse, dk_lm, dv_lm (NSEG partial slices of
+[B, N_LM, Hkv, D], summed here) and dk, dv; writes dk, dv
 (read-modify-write of complete chunks only) and per-program partial dmu, dphi [B, NZ, Hkv, D] fp32.
 """
 import triton
@@ -25,7 +26,7 @@ def add_tile(x, tok, g, m, i_hk, o_d, m_d, HKV: tl.constexpr, D: tl.constexpr):
 def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, dphi_part,
                         cu_seqlens, lm_offsets, blk_seq, blk_idx, scale, v_scale2, T, N_LM, C,
                         HKV: tl.constexpr, D: tl.constexpr, NCB: tl.constexpr, BS: tl.constexpr,
-                        BD: tl.constexpr, IS_VARLEN: tl.constexpr):
+                        BD: tl.constexpr, IS_VARLEN: tl.constexpr, NSEG: tl.constexpr):
     i_z, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_blk, bos, seq_len, lm_bos = seq_layout(cu_seqlens, lm_offsets, blk_seq, blk_idx, i_b, i_z, T, N_LM,
                                                   IS_VARLEN)
@@ -35,6 +36,10 @@ def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, d
     b_mu2 = b_mu * K_LOG2E
     b_dkl = load_rows(dk_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
     b_dvl = load_rows(dv_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
+    for i_s in range(1, NSEG):
+        rows = i_s * tl.num_programs(2).to(tl.int64) * N_LM + lm_bos + o_c
+        b_dkl += load_rows(dk_lm, rows, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
+        b_dvl += load_rows(dv_lm, rows, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
     o_row = (lm_bos + o_c) * HKV + i_hk
     lse_k = tl.load(lm_lse + o_row * 2, mask=m_c, other=0.)
     lse_v = tl.load(lm_lse + o_row * 2 + 1, mask=m_c, other=0.)
