@@ -144,8 +144,8 @@ def build_fla_hybrid(shape, dtype, device):
             kwargs = {k: v for k, v in wanted.items() if k in accepted}
             if "layer_idx" in accepted:
                 kwargs["layer_idx"] = i
-            with torch.device(device):
-                fla_layer = KimiDeltaAttention(**kwargs).to(dtype)
+            with torch.device(device):   # explicit move too: a GPU run found fla's weights left on the CPU
+                fla_layer = KimiDeltaAttention(**kwargs).to(device=device, dtype=dtype)
             for name in ("A_log", "dt_bias"):               # fla keeps its gate parameters in fp32
                 if hasattr(fla_layer, name):
                     getattr(fla_layer, name).data = getattr(fla_layer, name).data.float()
