@@ -161,6 +161,7 @@ def test_chunk_gpu_long_sequence_forward():
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 def test_chunk_gpu_offsets_beyond_int32():
     """Buffers with more than 2^31 elements (Gc is [T, HV, K] fp32): the tail sequence of a packed batch
     must equal the same sequence run alone, forward and backward."""
