@@ -67,6 +67,12 @@ def seq_layout(cu_seqlens, lm_offsets, blk_seq, blk_idx, i_b, i_z, T, N_LM, IS_V
 
 
 @triton.jit
+def segment_rows(i_s, N_LM):
+    """First row of landmark-gradient slice i_s in a [NSEG, B, N_LM, ...] buffer (B = programs on axis 2)."""
+    return tl.num_programs(2).to(tl.int64) * N_LM * i_s
+
+
+@triton.jit
 def visible(j, t, lo, n_remote, LANDMARK: tl.constexpr):
     """Whether query t sees key j (landmark j when LANDMARK); arguments broadcast against each other."""
     if LANDMARK:

@@ -1,16 +1,14 @@
-"""FlashEVA backward, stage 3: gradients of the landmarks, in query segments.
+"""FlashEVA backward, stage 3: landmark gradients dvl_c = sum_t P_tc dO_t, dkl_c = s sum_t dS_tc q_t.
 
-Landmark c is seen by every query t >= t_min(c) of its sequence; dvl_c = sum_t P_tc dO_t and
-dkl_c = s sum_t dS_tc q_t, summed over the query heads of its kv head. The queries of a sequence are cut
-into NSEG equal segments (multiples of BT) so the early landmarks, seen by nearly every query, do not
-serialise on one program; segment i writes partial sums to slice i (the pooling backward adds the slices).
-Grid (landmark blocks of BN, Hkv x NSEG, B); reads q, k_lm, v_lm, do, lse, delta; writes dk_lm, dv_lm
-[NSEG, B, N_LM, Hkv, D] fp32.
+Landmark c is seen by every query t >= t_min(c); sums run over the query heads of its kv head. Each sequence's
+queries are cut into NSEG segments (multiples of BT) so the early landmarks do not serialise on one program.
+Grid (landmark blocks of BN, Hkv x NSEG, B). Reads q, k_lm, v_lm, do, lse, delta; writes each segment's partial
+sums to its slice of dk_lm, dv_lm [NSEG, B, N_LM, Hkv, D] fp32 (added up by the pooling backward).
 """
 import triton
 import triton.language as tl
 
-from ._common import first_query_of_landmark, seq_layout
+from ._common import first_query_of_landmark, segment_rows, seq_layout
 from .attn_bwd_dkv import dkv_sweep
 
 
@@ -37,6 +35,6 @@ def eva_attn_bwd_lm_kernel(q, k_lm, v_lm, do, lse, delta, dk_lm, dv_lm, cu_seqle
     # from f1 on every row sees every landmark of the block
     f1 = tl.maximum(((first_query_of_landmark(c_last, W, C, SLIDING) + BT - 1) // BT) * BT, s0)
     f2 = tl.minimum((seq_len // BT) * BT, s1)
-    out_base = i_s.to(tl.int64) * tl.num_programs(2) * N_LM + lm_bos
+    out_base = segment_rows(i_s, N_LM) + lm_bos
     dkv_sweep(k_lm, v_lm, dk_lm, dv_lm, q, do, lse, delta, lm_bos, out_base, o_c, o_c < n_lm, i_hk, bos, i_b, T,
               seq_len, W, C, qk_scale, scale, start, f1, f2, s1, H, HKV, D, GP, BT, BN, BD, SLIDING, True, PREC)

@@ -29,9 +29,10 @@ TILES = {
 }
 INTERPRET_TILES = (32, 32, 4, 1)
 # the landmark-gradient stage cuts each sequence's queries into segments of about this many tokens (at most
-# LM_MAX_SEGMENTS, each a [B, T // C, Hkv, D] fp32 slice of partial sums per gradient)
-# (32 under the interpreter, so its small test shapes run several segments)
+# LM_MAX_SEGMENTS, each a [B, T // C, Hkv, D] fp32 slice of partial sums per gradient); the interpreter uses
+# short segments so its small test shapes run several of them
 LM_SEGMENT = 4096
+INTERPRET_LM_SEGMENT = 32
 LM_MAX_SEGMENTS = 8
 POOL_WARPS = 4
 POOL_ELEMS = 4096  # elements per pooling tile: NCB chunks x BS tokens x BD
@@ -98,6 +99,11 @@ class Layout:
         bound = triton.cdiv(total, block) + self.N
         seq, idx = block_tables(counts, block, bound)
         return (bound, heads, 1), self.cu, self.lm_offsets, seq, idx
+
+
+def lm_segments(T: int) -> int:
+    """Number of query segments of the landmark-gradient stage for rows of T tokens."""
+    return max(1, min(LM_MAX_SEGMENTS, T // (INTERPRET_LM_SEGMENT if interpreting() else LM_SEGMENT)))
 
 
 def _pool_tiles(C: int, D: int, elems: int):
@@ -179,7 +185,7 @@ def eva_backward(q, k, v, mu, phi, cu_seqlens, o, lse, k_lm, v_lm, lm_lse, do, d
                                   H=H, HKV=HKV, D=D, IS_VARLEN=lay.varlen, **common, **t)
     if lay.n_lm == 0:
         return dq, dk, dv, mu.new_zeros(HKV, D), phi.new_zeros(HKV, D)
-    nseg = max(1, min(LM_MAX_SEGMENTS, T // (32 if interpreting() else LM_SEGMENT)))
+    nseg = lm_segments(T)
     dk_lm = torch.empty(nseg, B, lay.n_lm, HKV, D, device=q.device, dtype=torch.float32)
     dv_lm = torch.empty_like(dk_lm)
     t = tiles("lm", D, H // HKV, q.dtype)

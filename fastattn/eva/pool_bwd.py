@@ -3,14 +3,13 @@
 With alpha = softmax(mu.k), beta = softmax(s (phi.k - |k|^2/2)) per chunk and a_m = alpha_m (k_m.dkl - kl.dkl),
 b_m = beta_m (v_m.dvl - vl.dvl): dk_m += alpha_m dkl + a_m mu + s b_m (phi - k_m), dv_m += beta_m dvl,
 dmu += sum a_m k_m, dphi += s sum b_m k_m. kl.dkl and vl.dvl are re-summed from the tokens in fp32.
-Grid (chunk groups of NCB, Hkv, B); reads k, v, mu, phi, lm_lse, dk_lm, dv_lm (NSEG partial slices of
-[B, N_LM, Hkv, D], summed here) and dk, dv; writes dk, dv
-(read-modify-write of complete chunks only) and per-program partial dmu, dphi [B, NZ, Hkv, D] fp32.
+Grid (chunk groups of NCB, Hkv, B). Reads k, v, mu, phi, lm_lse, dk_lm, dv_lm (sum of NSEG slices), dk, dv;
+writes dk, dv (read-modify-write of whole chunks) and per-program partial dmu, dphi [B, NZ, Hkv, D] fp32.
 """
 import triton
 import triton.language as tl
 
-from ._common import K_LOG2E, load_rows, seq_layout
+from ._common import K_LOG2E, load_rows, segment_rows, seq_layout
 from .pool_fwd import chunk_group, pool_tile
 
 
@@ -37,7 +36,7 @@ def eva_pool_bwd_kernel(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu_part, d
     b_dkl = load_rows(dk_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
     b_dvl = load_rows(dv_lm, lm_bos + o_c, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
     for i_s in range(1, NSEG):
-        rows = i_s * tl.num_programs(2).to(tl.int64) * N_LM + lm_bos + o_c
+        rows = segment_rows(i_s, N_LM) + lm_bos + o_c
         b_dkl += load_rows(dk_lm, rows, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
         b_dvl += load_rows(dv_lm, rows, i_hk, m_c, o_d, m_d, HKV, D).to(tl.float32)
     o_row = (lm_bos + o_c) * HKV + i_hk
