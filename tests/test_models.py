@@ -158,15 +158,51 @@ def test_causal_conv_tail_and_identity_init():
     assert torch.all(mixer.g_b.weight == 0) and bool(((A >= 1 - 1e-5) & (A <= 16 + 1e-4)).all())
 
 
-def test_fused_qkv_projection_matches(monkeypatch):
-    import fastattn.models.kda as kda_mod
+def test_in_proj_matches_separate_projections_and_follows_weight_updates():
+    """The KDA layer's one-matmul in-projection (weights concatenated and kept at inference) equals the six
+    separate projections, is rebuilt after an in-place update or a cast, and passes gradients to every weight."""
     m = make_model("hybrid-kda", attention_bias=True)
+    mixer = next(layer.mixer for layer in m.layers if layer.mixer_type == "kda")
+    x = torch.randn(2, 7, TINY["hidden_size"])
+
+    def separate(x):
+        qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
+        return qkv, mixer.f_a(x), mixer.g_a(x), mixer.b_proj(x)
+
+    def check(x):
+        with torch.no_grad():
+            got, want = mixer.in_proj(x), separate(x)
+        assert [t.shape for t in got] == [t.shape for t in want]
+        for a, b in zip(got, want):
+            assert rel(a, b) < 1e-6
+
+    check(x)
+    with torch.no_grad():
+        mixer.k_proj.weight.add_(0.5)
+        mixer.b_proj.weight.mul_(-2.0)
+        mixer.q_proj.bias.add_(1.0)
+    check(x)
+    m.double()
+    check(x.double())
+    assert mixer._gate_params()[0].dtype == torch.float32
+    with torch.no_grad():
+        mixer.A_log.add_(0.25)
+    assert torch.equal(mixer._gate_params()[0], mixer.A_log.float())
+    sum(t.sum() for t in mixer.in_proj(x.double())).backward()
+    for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.f_a, mixer.g_a, mixer.b_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert mixer.q_proj.bias.grad is not None
+
+
+def test_kda_model_same_logits_with_and_without_grad():
+    """The cached inference weights and the per-call concatenation of the training path agree."""
+    m = make_model("hybrid-kda")
     ids = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
-        split = m(ids)
-        monkeypatch.setattr(kda_mod, "FUSED_QKV_MIN_TOKENS", 1)
-        fused = m(ids)
-    assert rel(fused, split) < 1e-6
+        inference = m(ids)
+    training = m(ids)
+    assert training.requires_grad
+    assert rel(training.detach(), inference) < 1e-6
 
 
 # ---- cache sizes ---------------------------------------------------------------------------------------

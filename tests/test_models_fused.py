@@ -101,6 +101,23 @@ def test_conv_heads_kernel_hypothesis(B, T, Hkv, group, D, W, tail, bias, silu, 
 
 
 @interpret
+@pytest.mark.parametrize("tail", [False, True])
+def test_conv_heads_reads_a_column_slice_in_place(triton_backend, tail):
+    """qkv as a column slice of a wider projection (the KDA layer's one-matmul in-projection) gives the same
+    q, k, v as its contiguous copy."""
+    H, Hkv, D, W = 4, 2, 24, 4
+    qkv, weight, b, t = conv_inputs(2, 19, H, Hkv, D, W, tail, True, torch.float32, KERNEL_DEVICE)
+    wide = torch.cat([qkv, torch.full_like(qkv[..., :37], float("nan"))], dim=-1)
+    view = wide[..., :qkv.shape[-1]]
+    assert not view.is_contiguous()
+    with torch.no_grad():
+        got = causal_conv_heads(view, weight, b, t, H, Hkv, D, activation="silu")
+        want = causal_conv_heads(qkv, weight, b, t, H, Hkv, D, activation="silu")
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+@interpret
 @pytest.mark.parametrize("split", [1, 2, 13])
 def test_conv_heads_continuation_equals_one_shot(triton_backend, split):
     """Prefill in two calls, the second continuing from conv_tail of the first, equals one call."""

@@ -11,6 +11,7 @@ import triton
 
 from .._backend import select_backend
 from .._checks import check_shape, check_tensor
+from .._launch import launch
 from .api import _check_kv, _check_options, _check_param, eva_landmarks, flash_eva
 from ._common import LOG2E
 from .launch import dot_precision, head_dim_block
@@ -157,10 +158,10 @@ def _decode_triton(q, k_win, v_win, k_lm, v_lm, n_rem: int, n_loc: int, scale: f
     part_o = torch.empty(B, H, MAX_SPLITS, D, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(B, H, MAX_SPLITS, device=q.device, dtype=torch.float32)
     BD = head_dim_block(D)
-    eva_decode_kernel[(n_split, HKV, B)](
+    launch(eva_decode_kernel, (n_split, HKV, B),
         q, k_lm, v_lm, k_win, v_win, part_o, part_lse, scale * LOG2E, n_rem, n_loc, split,
         k_lm.shape[1], k_win.shape[1], H=H, HKV=HKV, D=D, BG=max(16, triton.next_power_of_2(H // HKV)),
         BN=64 if BD <= 128 else 32, BD=BD, NS=MAX_SPLITS, PREC=dot_precision(q.dtype), num_warps=4)
     o = torch.empty_like(q)
-    eva_decode_combine_kernel[(B * H,)](part_o, part_lse, o, n_split, D=D, BD=BD, NS=MAX_SPLITS, num_warps=4)
+    launch(eva_decode_combine_kernel, (B * H,), part_o, part_lse, o, n_split, D=D, BD=BD, NS=MAX_SPLITS, num_warps=4)
     return o

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from .._backend import interpreting
+from .._launch import launch
 from ._common import LOG2E
 from .attn_bwd_dkv import eva_attn_bwd_dkv_kernel
 from .attn_bwd_dq import eva_attn_bwd_dq_kernel
@@ -123,7 +124,7 @@ def pool_fwd(k, v, mu, phi, lay: Layout, opts: EvaOptions):
         return k_lm, v_lm, lm_lse
     t = _pool_tiles(opts.chunk_size, D, POOL_ELEMS)
     grid, cu, lmo, seq, idx = lay.grid("landmarks", t["NCB"], HKV)
-    eva_pool_fwd_kernel[grid](k, v, mu, phi, k_lm, v_lm, lm_lse, cu, lmo, seq, idx, opts.scale * LOG2E, T,
+    launch(eva_pool_fwd_kernel, grid, k, v, mu, phi, k_lm, v_lm, lm_lse, cu, lmo, seq, idx, opts.scale * LOG2E, T,
                               lay.n_lm, opts.chunk_size, HKV=HKV, D=D, IS_VARLEN=lay.varlen, num_warps=POOL_WARPS, **t)
     return k_lm, v_lm, lm_lse
 
@@ -138,7 +139,7 @@ def pool_bwd(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, lay: Layout, opts: Eva
     grid, cu, lmo, seq, idx = lay.grid("landmarks", t["NCB"], HKV)
     dmu = torch.zeros(B, grid[0], HKV, D, device=k.device, dtype=torch.float32)
     dphi = torch.zeros_like(dmu)
-    eva_pool_bwd_kernel[grid](k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu, dphi, cu, lmo, seq, idx,
+    launch(eva_pool_bwd_kernel, grid, k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, dmu, dphi, cu, lmo, seq, idx,
                               opts.scale, opts.scale * LOG2E, T, lay.n_lm, opts.chunk_size, HKV=HKV, D=D,
                               IS_VARLEN=lay.varlen, NSEG=nseg, num_warps=POOL_WARPS, **t)
     return dmu.sum((0, 1)), dphi.sum((0, 1))
@@ -158,7 +159,7 @@ def eva_forward(q, k, v, mu, phi, cu_seqlens, opts: EvaOptions):
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     t = tiles("fwd", D, H // HKV, q.dtype)
     grid, cu, lmo, seq, idx = lay.grid("tokens", t["BT"], H // t["GP"])
-    eva_attn_fwd_kernel[grid](q, k, v, k_lm, v_lm, o, lse, cu, lmo, seq, idx, opts.scale * LOG2E, T, lay.n_lm,
+    launch(eva_attn_fwd_kernel, grid, q, k, v, k_lm, v_lm, o, lse, cu, lmo, seq, idx, opts.scale * LOG2E, T, lay.n_lm,
                               opts.window_size, opts.chunk_size, H=H, HKV=HKV, D=D, IS_VARLEN=lay.varlen,
                               **common, **t)
     return o, lse, k_lm, v_lm, lm_lse
@@ -174,14 +175,14 @@ def eva_backward(q, k, v, mu, phi, cu_seqlens, o, lse, k_lm, v_lm, lm_lse, do, d
     dq = torch.empty_like(q)
     t = tiles("dq", D, H // HKV, q.dtype)
     grid, cu, lmo, seq, idx = lay.grid("tokens", t["BT"], H // t["GP"])
-    eva_attn_bwd_dq_kernel[grid](q, k, v, k_lm, v_lm, o, do, lse, dlse, delta, dq, cu, lmo, seq, idx, *scalars,
+    launch(eva_attn_bwd_dq_kernel, grid, q, k, v, k_lm, v_lm, o, do, lse, dlse, delta, dq, cu, lmo, seq, idx, *scalars,
                                  H=H, HKV=HKV, D=D, IS_VARLEN=lay.varlen, HAS_DLSE=dlse is not None,
                                  **common, **t)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     t = tiles("dkv", D, H // HKV, q.dtype)
     grid, cu, lmo, seq, idx = lay.grid("tokens", t["BN"], HKV)
-    eva_attn_bwd_dkv_kernel[grid](q, k, v, do, lse, delta, dk, dv, cu, lmo, seq, idx, *scalars,
+    launch(eva_attn_bwd_dkv_kernel, grid, q, k, v, do, lse, delta, dk, dv, cu, lmo, seq, idx, *scalars,
                                   H=H, HKV=HKV, D=D, IS_VARLEN=lay.varlen, **common, **t)
     if lay.n_lm == 0:
         return dq, dk, dv, mu.new_zeros(HKV, D), phi.new_zeros(HKV, D)
@@ -190,7 +191,7 @@ def eva_backward(q, k, v, mu, phi, cu_seqlens, o, lse, k_lm, v_lm, lm_lse, do, d
     dv_lm = torch.empty_like(dk_lm)
     t = tiles("lm", D, H // HKV, q.dtype)
     grid, cu, lmo, seq, idx = lay.grid("landmarks", t["BN"], HKV * nseg)
-    eva_attn_bwd_lm_kernel[grid](q, k_lm, v_lm, do, lse, delta, dk_lm, dv_lm, cu, lmo, seq, idx, *scalars,
+    launch(eva_attn_bwd_lm_kernel, grid, q, k_lm, v_lm, do, lse, delta, dk_lm, dv_lm, cu, lmo, seq, idx, *scalars,
                                  H=H, HKV=HKV, D=D, IS_VARLEN=lay.varlen, NSEG=nseg, **common, **t)
     dmu, dphi = pool_bwd(k, v, mu, phi, lm_lse, dk_lm, dv_lm, dk, dv, lay, opts, nseg)
     return dq, dk, dv, dmu, dphi

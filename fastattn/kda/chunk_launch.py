@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 import triton
 
+from .._launch import launch
 from .chunk_bwd_dv import kda_dv_bwd_kernel
 from .chunk_bwd_finish import kda_finish_bwd_kernel
 from .chunk_bwd_intra import kda_intra_bwd_kernel
@@ -113,7 +114,7 @@ def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     w, u, qg, kd, kg = outs
     NT = idx.shape[0]
-    kda_wy_fwd_kernel[(NT, HV)](
+    launch(kda_wy_fwd_kernel, (NT, HV),
         q, k, v, beta, Gc, T_or_L, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
         kg if kg is not None else w, cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=BV,
@@ -138,7 +139,7 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     w, qg, kd = (torch.empty(B, T, HV, K, device=q.device, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
     BKi = min(BK, INTRA_BK)
-    kda_intra_fwd_kernel[(NT, HV)](
+    launch(kda_intra_fwd_kernel, (NT, HV),
         q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd[0], rstd[1], cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
@@ -148,7 +149,7 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     h = torch.empty(NT, HV, K, V, device=q.device, dtype=state_dtype(q.dtype)) if save else torch.empty(0, **f32)
     ht = torch.empty(N, HV, K, V, **f32) if opts.output_final_state else None
     BVs = _state_tile(N * HV, V, q.device)
-    kda_state_fwd_kernel[(triton.cdiv(V, BVs), N * HV)](
+    launch(kda_state_fwd_kernel, (triton.cdiv(V, BVs), N * HV),
         w, u, qg, kd, Aqk, Gc, h0, o, h, ht, cu, offsets, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BVs, USE_H0=h0 is not None, STORE_H=save,
         STORE_HT=ht is not None, DOT_PREC=prec, **STATE_FWD_LAUNCH)
@@ -172,7 +173,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     dh = torch.empty(NT, HV, K, V, **fac)
     dh0 = torch.empty(N, HV, K, V, **f32) if h0 is not None else None
     BVs = _state_tile(N * HV, V, q.device)
-    kda_state_bwd_kernel[(triton.cdiv(V, BVs), N * HV)](
+    launch(kda_state_bwd_kernel, (triton.cdiv(V, BVs), N * HV),
         w, qg, kd, Aqk, Gc, do, dht, dh, dh0, cu, offsets, T, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BVs,
         USE_DHT=dht is not None, USE_H0=h0 is not None, DOT_PREC=prec,
         **(STATE_BWD_LAUNCH_FP32 if fac["dtype"] == torch.float32 else STATE_BWD_LAUNCH))
@@ -182,7 +183,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     vn, dvn = (torch.empty(B, T, HV, V, **fac) for _ in range(2))
     dAqk, dL = (torch.empty(B, T, HV, BT, **f32) for _ in range(2))
     dbeta_t = torch.empty(B, T, HV, **f32)
-    kda_dv_bwd_kernel[(NT, HV)](
+    launch(kda_dv_bwd_kernel, (NT, HV),
         v, kg, kd, Aqk, Tinv, beta, h, dh, do, dv, vn, dvn, dAqk, dL, dbeta_t, cu, idx, offsets, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=min(BV, DV_BWD_TILE),
         USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
@@ -196,7 +197,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     dbeta_k = torch.empty(B, T, HV, NK, **f32)
     dA = torch.empty(NT, HV, NK, **f32) if A_log is not None else None
     dbias = torch.empty(NT, HV, K, **f32) if dt_bias is not None else None
-    kda_intra_bwd_kernel[(NT, HV, NK)](
+    launch(kda_intra_bwd_kernel, (NT, HV, NK),
         q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
         dqn, dkn, dg, dbeta_k, dA, dbias, cu, idx, offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKt, BV=BV, NK=NK,
@@ -207,7 +208,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dbeta = torch.empty(B, T, HV, device=q.device, dtype=beta.dtype)
     BR = 32
-    kda_finish_bwd_kernel[(triton.cdiv(B * T, BR), H)](
+    launch(kda_finish_bwd_kernel, (triton.cdiv(B * T, BR), H),
         q, k, beta, rstd[0], rstd[1], dqn, dkn, dbeta_t, dbeta_k, dq, dk, dbeta, B * T,
         H=H, HV=HV, K=K, BR=BR, BK=BK, NK=NK, USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid,
         **FINISH_BWD_LAUNCH)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import launch
 from ._common import (LOG2E, gate_bwd, gate_fwd, l2norm_bwd, l2norm_rstd, load_gate_params, load_state,
                       seq_program, state_tile)
 from .recurrent_fwd import load_kgbv
@@ -133,7 +134,7 @@ def launch_recurrent_bwd(q, k, v, g, beta, A_log, dt_bias, h0, ckpt, cu_seqlens,
     dA = torch.empty(N, HV, NV, K, **f32) if A_log is not None else None
     dbias = torch.empty(N, HV, NV, K, **f32) if dt_bias is not None else None
     dh0 = torch.empty(N, HV, K, V, **f32) if h0 is not None else None
-    kda_recurrent_bwd_kernel[(NV, N * HV)](
+    launch(kda_recurrent_bwd_kernel, (NV, N * HV),
         q, k, v, g, beta, A_log, dt_bias, ckpt, scratch, do, dht, dq, dk, dv, dg, dbeta, dA, dbias, dh0,
         cu_seqlens, ckpt_offsets, opts.scale, T, SB, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, BS=BS,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, USE_GATE=opts.use_gate,

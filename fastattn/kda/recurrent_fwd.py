@@ -9,6 +9,7 @@ Writes o, the final state ht, and (STORE_CKPT) the state entering every BS-token
 import triton
 import triton.language as tl
 
+from .._launch import launch
 from ._common import LOG2E, gate_fwd, l2norm_rstd, load_gate_params, load_state, seq_program, state_tile
 
 
@@ -78,7 +79,7 @@ def launch_recurrent_fwd(q, k, v, g, beta, A_log, dt_bias, h0, o, ht, ckpt, cu_s
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BK = triton.next_power_of_2(K)
     BV = min(32, triton.next_power_of_2(V))
-    kda_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+    launch(kda_recurrent_fwd_kernel, (triton.cdiv(V, BV), N * HV),
         q, k, v, g, beta, A_log, dt_bias, h0, o, ht, ckpt, cu_seqlens, ckpt_offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, BS=BS, USE_L2NORM=opts.use_qk_l2norm,
         USE_SIGMOID=opts.use_beta_sigmoid, USE_GATE=opts.use_gate, HAS_A=A_log is not None,

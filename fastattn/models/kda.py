@@ -1,6 +1,7 @@
 """KDA mixer: the Hybrid-KDA layer (DESIGN.md section 5) on top of fastattn.chunk_kda / fused_recurrent_kda.
 
-x -> q/k/v projections of the teacher's shapes -> one depthwise causal conv over [q; k; v] (identity
+x -> q/k/v projections of the teacher's shapes (one matmul with the gate down-projections and beta, see
+``KDAMixer.in_proj``) -> one depthwise causal conv over [q; k; v] (identity
 at init) -> k, v repeated to the q heads (GQA) -> KDA recurrence with q/k L2 norm, the low-rank
 per-channel gate ``-exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` and ``beta = sigmoid(b_proj(x))``
 computed in the kernel -> per-head RMSNorm gated by ``sigmoid(g_b(g_a(x)))`` -> o_proj. No positions.
@@ -20,10 +21,9 @@ from .cache import KDACache
 from .config import HybridConfig
 from .fused import causal_conv_heads, gated_rms_norm
 from .fused.api import causal_conv_torch
-from .layers import RMSNorm
+from .layers import DerivedWeights, RMSNorm
 
 RECURRENT_MAX_T = 15     # calls with fewer new tokens than the smallest chunk run token by token
-FUSED_QKV_MIN_TOKENS = 1024   # from this many tokens per call, q/k/v run as one matmul of concatenated weights
 PAD_LOGIT = -1e4         # beta and gate inputs at padded tokens: beta = 0, decay = 1, state untouched
 
 
@@ -82,6 +82,7 @@ class KDAMixer(nn.Module):
         self.g_a = nn.Linear(hid, r, bias=False)
         self.g_b = nn.Linear(r, H * D, bias=True)
         self.o_norm = RMSNorm(D, config.rms_norm_eps)
+        self.derived = DerivedWeights()
         self.reset_kda_parameters()
 
     @torch.no_grad()
@@ -96,15 +97,42 @@ class KDAMixer(nn.Module):
         self.g_b.weight.zero_()
         self.g_b.bias.zero_()
 
+    def _in_proj_params(self):
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.f_a, self.g_a, self.b_proj)
+        return [p.weight for p in projs] + [p.bias for p in projs[:3]]
+
+    def _build_in_proj(self):
+        w = self._in_proj_params()
+        bias = None
+        if w[6] is not None:    # attention_bias: q/k/v biases, none on the gate and beta projections
+            bias = torch.cat(w[6:] + [w[6].new_zeros(w[3].shape[0] + w[4].shape[0] + w[5].shape[0])])
+        return torch.cat(w[:6]), bias
+
+    def in_proj(self, x: torch.Tensor):
+        """All projections of ``x [B, T, hidden]`` as one matmul: ``(qkv, f_a(x), g_a(x), b_proj(x))`` as column
+        views of one ``[B, T, (H + 2 Hkv) D + 2 r + H]`` tensor. The concatenated weight is kept between calls
+        at inference (``DerivedWeights``: +(H + 2 Hkv) D + 2 r + H rows of hidden, ~8.7 MB per layer at the
+        Qwen3-0.6B shape in bf16) and rebuilt each call when a gradient is needed."""
+        params = self._in_proj_params()
+        if DerivedWeights.needs_grad(params):
+            w, b = self._build_in_proj()
+        else:
+            w, b = self.derived.get("in_proj", params, self._build_in_proj)
+        C = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        r = self.f_a.weight.shape[0]
+        return F.linear(x, w, b).split([C, r, r, self.num_heads], dim=-1)
+
+    def _gate_params(self):
+        """A_log and dt_bias in fp32 (the kernels' dtype), cast once per parameter state at inference."""
+        params = (self.A_log, self.dt_bias)
+        if DerivedWeights.needs_grad(params):
+            return self.A_log.float(), self.dt_bias.float()
+        return self.derived.get("gate", params, lambda: (self.A_log.float(), self.dt_bias.float()))
+
     def forward(self, x: torch.Tensor, info: StepInfo, cache: Optional[KDACache] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if B * T >= FUSED_QKV_MIN_TOKENS:   # one matmul, no concatenation of three large outputs
-            qkv = F.linear(x, torch.cat([p.weight for p in projs]),
-                           torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None)
-        else:                               # decoding: concatenate the small outputs, not the weights
-            qkv = torch.cat([p(x) for p in projs], dim=-1)
+        qkv, f_low, g_low, beta = self.in_proj(x)
         valid = info.new_valid
         if valid is not None:
             qkv = qkv * valid[..., None].to(qkv.dtype)   # pads read as the zeros of a fresh conv tail
@@ -113,20 +141,23 @@ class KDAMixer(nn.Module):
         q, k, v = causal_conv_heads(qkv, self.conv_weight[:, 0], self.conv_bias, tail, H, Hkv, D, activation)
         if cache is not None:
             tail = conv_tail(qkv, tail, self.conv_weight.shape[-1])
-        g = self.f_b(self.f_a(x)).view(B, T, H, D)
-        beta = self.b_proj(x)
+        # 2-D inputs: a 3-D column view would make F.linear add g_b's bias in a separate pass over [B, T, H*D]
+        # (0.75 ms per layer at 128K tokens on an H200); on 2-D views cuBLAS reads the row stride and fuses it
+        g = self.f_b(f_low.reshape(B * T, -1)).view(B, T, H, D)
         if valid is not None:
             g = g.masked_fill(~valid[..., None, None], PAD_LOGIT)
             beta = beta.masked_fill(~valid[..., None], PAD_LOGIT)
+        A_log, dt_bias = self._gate_params()
         kernel_kwargs = dict(
             initial_state=cache.state if cache is not None else None, output_final_state=cache is not None,
             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-            A_log=self.A_log, dt_bias=self.dt_bias, lower_bound=self.config.kda_lower_bound)
+            A_log=A_log, dt_bias=dt_bias, lower_bound=self.config.kda_lower_bound)
         if T <= RECURRENT_MAX_T:
             o, state = fused_recurrent_kda(q, k, v, g, beta, **kernel_kwargs)
         else:
             o, state = chunk_kda(q, k, v, g, beta, chunk_size=self.config.kda_chunk_size, **kernel_kwargs)
         if cache is not None:
             cache.state, cache.conv = state, tail
-        o = gated_rms_norm(o, self.g_b(self.g_a(x)), self.o_norm.weight, self.o_norm.eps)
+        gate = self.g_b(g_low.reshape(B * T, -1)).view(B, T, H * D)
+        o = gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps)
         return self.o_proj(o)

@@ -1,4 +1,6 @@
-"""Building blocks of the Qwen3 block: RMSNorm, rotary position embedding, SwiGLU MLP."""
+"""Building blocks of the Qwen3 block: RMSNorm, rotary position embedding, SwiGLU MLP; derived-weight cache."""
+from typing import Callable, Dict, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,3 +55,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class DerivedWeights:
+    """Tensors computed from parameters (a concatenation of projection weights, an fp32 copy), rebuilt only when
+    one of those parameters changes: moved, cast, or modified in place (its version counter).
+
+    Inference only: with a gradient to propagate, call the builder directly so autograd sees it. The cached
+    tensors are plain attributes, not buffers: they never enter a state dict.
+    """
+
+    def __init__(self):
+        self._store: Dict[str, Tuple[tuple, object]] = {}
+
+    @staticmethod
+    def needs_grad(params: Sequence[torch.Tensor]) -> bool:
+        return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+
+    def get(self, name: str, params: Sequence[torch.Tensor], build: Callable[[], object]):
+        """``build()``, computed once per state of ``params`` (None entries ignored)."""
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
+        hit = self._store.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._store[name] = (key, build())
+        return hit[1]

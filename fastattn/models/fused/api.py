@@ -75,7 +75,7 @@ def causal_conv_heads(qkv: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
     Args:
         qkv: ``[B, T, C]`` with ``C = (H + 2*Hkv) * D``, channels ordered q heads, k heads, v heads;
-            fp32/fp16/bf16.
+            fp32/fp16/bf16; may be a column slice of a wider projection (read in place).
         weight: ``[C, W]`` conv taps, oldest input first (a ``Conv1d`` weight ``[C, 1, W]`` as ``w[:, 0]``).
         bias: ``[C]`` or None.
         tail: ``[B, C, W-1]``, the ``W-1`` inputs preceding ``qkv`` (oldest first), or None for a fresh
@@ -125,7 +125,8 @@ def causal_conv_heads(qkv: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         return _conv_heads_torch(qkv, weight, bias, tail, num_heads, num_kv_heads, head_dim, activation)
     shape = (B, T, num_heads, head_dim)
     q, k, v = (torch.empty(shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
-    launch_conv_heads_fwd(qkv.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+    launch_conv_heads_fwd(qkv if qkv.stride(2) == 1 else qkv.contiguous(), weight.contiguous(),
+                          bias.contiguous() if bias is not None else None,
                           tail.contiguous() if tail is not None else None, q, k, v, num_kv_heads,
                           use_silu=activation == "silu")
     return q, k, v

@@ -2,15 +2,17 @@
 
 y[t, c] = act(bias[c] + sum_j weight[c, j] * x[t - (W-1) + j, c]), tokens t < 0 read the tail (zeros without
 one), fp32 accumulation and one rounding. Grid (cdiv(T, BT), 3*H, B): segment s = 0/1/2 of axis 1 writes
-q/k/v head h, reading input head h (q) or h // (H // HKV) (k, v). Reads x [B, T, C], weight [C, W],
-bias [C], tail [B, C, W-1]; writes q, k, v, each [B, T, H, D] in x's dtype.
+q/k/v head h, reading input head h (q) or h // (H // HKV) (k, v). Reads x [B, T, C] (any batch/token strides:
+a column slice of a wider projection), weight [C, W], bias [C], tail [B, C, W-1]; writes q, k, v [B, T, H, D].
 """
 import triton
 import triton.language as tl
 
+from ..._launch import launch
 
-@triton.jit(do_not_specialize=["T"])
-def conv_heads_fwd_kernel(x, weight, bias, tail, q, k, v, T,
+
+@triton.jit(do_not_specialize=["T", "SXB"])
+def conv_heads_fwd_kernel(x, weight, bias, tail, q, k, v, T, SXB, SXT,
                           H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                           BT: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr,
                           USE_SILU: tl.constexpr):
@@ -29,7 +31,7 @@ def conv_heads_fwd_kernel(x, weight, bias, tail, q, k, v, T,
     for j in tl.static_range(W):
         o_src = o_t + (j - (W - 1))
         m_x = (o_src >= 0) & (o_src < T)
-        p_x = x + (i_b * T + o_src)[:, None] * C + o_c[None, :]
+        p_x = x + i_b * SXB + o_src[:, None] * SXT + o_c[None, :]
         b_x = tl.load(p_x, mask=m_x[:, None] & m_d[None, :], other=0.).to(tl.float32)
         if HAS_TAIL:
             m_p = o_src < 0
@@ -51,14 +53,14 @@ def conv_heads_fwd_kernel(x, weight, bias, tail, q, k, v, T,
 
 
 def launch_conv_heads_fwd(x, weight, bias, tail, q, k, v, num_kv_heads: int, use_silu: bool) -> None:
-    """Launch the kernel on contiguous x [B, T, C], weight [C, W], bias [C] or None, tail [B, C, W-1] or None,
-    writing the contiguous outputs q, k, v [B, T, H, D]."""
+    """Launch the kernel on x [B, T, C] (unit channel stride), contiguous weight [C, W], bias [C] or None,
+    tail [B, C, W-1] or None, writing the contiguous outputs q, k, v [B, T, H, D]."""
     B, T, H, D = q.shape
     W = weight.shape[1]
     BD = triton.next_power_of_2(D)
     BT = min(max(16, 4096 // BD), triton.next_power_of_2(T))
     has_tail = tail is not None and W > 1
-    conv_heads_fwd_kernel[(triton.cdiv(T, BT), 3 * H, B)](
-        x, weight, bias if bias is not None else x, tail if has_tail else x, q, k, v, T,
+    launch(conv_heads_fwd_kernel, (triton.cdiv(T, BT), 3 * H, B),
+        x, weight, bias if bias is not None else x, tail if has_tail else x, q, k, v, T, x.stride(0), x.stride(1),
         H=H, HKV=num_kv_heads, D=D, W=W, BT=BT, BD=BD, HAS_BIAS=bias is not None, HAS_TAIL=has_tail,
         USE_SILU=use_silu, num_warps=4 if BT * BD >= 2048 else 2)

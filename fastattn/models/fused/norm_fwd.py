@@ -8,6 +8,8 @@ channels per program. Reads x [N, D], gate [N, D], weight [D]; writes out [N, D]
 import triton
 import triton.language as tl
 
+from ..._launch import launch
+
 
 @triton.jit(do_not_specialize=["N"])
 def gated_rms_norm_fwd_kernel(x, gate, weight, out, eps, N, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
@@ -36,6 +38,6 @@ def launch_gated_rms_norm_fwd(x, gate, weight, out, eps: float) -> None:
     N = x.numel() // D
     BD = triton.next_power_of_2(D)
     BR = max(1, min(4096 // BD, triton.next_power_of_2(N)))
-    gated_rms_norm_fwd_kernel[(triton.cdiv(N, BR),)](
+    launch(gated_rms_norm_fwd_kernel, (triton.cdiv(N, BR),),
         x, gate if gate is not None else x, weight, out, eps, N, D=D, BR=BR, BD=BD, HAS_GATE=gate is not None,
         num_warps=4 if BR * BD >= 2048 else 2)

@@ -1,0 +1,111 @@
+"""Low-overhead launches of Triton kernels.
+
+``kernel[grid](*args, **kw)`` re-binds every argument, rebuilds the specialization list and its string key, and
+checks the kernel's globals on each call: ~40-60 us of host time for a kernel with 20-30 arguments on the H200
+host (triton 3.6), about three times the launch itself. A short prefill is launch-bound (a Hybrid-KDA prefill of
+8K tokens needs about as long on the host as on the GPU), so :func:`launch` keeps, per kernel, the compiled
+kernel of each *argument class* and relaunches it directly. The class is a superset of what Triton specializes
+on (tensor dtype and 16-byte alignment, ints equal to 1, divisible by 16 or beyond int32, None, constexpr and
+option values, current device), so a kernel compiled for one class is valid for every call of that class. A
+miss goes through ``kernel[grid]`` (compiling if needed) and stores what it returns.
+
+The direct path is used only with a Triton whose relaunch interface was verified on a GPU (see
+``TESTED_TRITON``); elsewhere, under the interpreter, or with ``FASTATTN_FAST_LAUNCH=0`` every call takes the
+ordinary path.
+"""
+import inspect
+import os
+from typing import Any, Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting
+
+# (major, minor) releases whose CompiledKernel relaunch (``compiled[grid](*all_args)``, the arguments in signature
+# order with constexprs and defaults, as JITFunction.run passes them) was checked against kernel[grid] on a GPU
+TESTED_TRITON = ((3, 6),)
+
+
+def _version() -> Tuple[int, int]:
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+def fast_launch_enabled() -> bool:
+    """True when :func:`launch` relaunches compiled kernels directly (see the module docstring)."""
+    if os.environ.get("FASTATTN_FAST_LAUNCH", "1") == "0" or interpreting():
+        return False
+    return _version() in TESTED_TRITON and hasattr(triton.compiler.CompiledKernel, "__getitem__")
+
+
+_INT32 = 1 << 31
+
+
+def _arg_class(x: Any):
+    """What Triton may specialize a non-constexpr argument on (a superset of it)."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype, x.data_ptr() & 15 == 0
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return "i", x == 1, x & 15 == 0, -_INT32 <= x < _INT32
+    if isinstance(x, float):
+        return "f"
+    return type(x), x
+
+
+class _KernelCache:
+    """Per kernel: the argument order of its signature and the compiled kernel of each argument class."""
+
+    def __init__(self, kernel):
+        params = inspect.signature(kernel.fn).parameters
+        self.names = list(params)
+        self.defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+        # positional arguments from this index on are constexprs: they enter the key by value
+        self.n_runtime = next((i for i, p in enumerate(params.values()) if p.annotation is tl.constexpr),
+                              len(params))
+        self.compiled: Dict[tuple, Any] = {}
+
+    def key(self, args, kwargs) -> tuple:
+        n = self.n_runtime
+        return (torch.cuda.current_device(), tuple(map(_arg_class, args[:n])), args[n:], tuple(kwargs.items()))
+
+    def ordered(self, args, kwargs) -> list:
+        """Every signature argument in order, as JITFunction.run hands them to the compiled kernel."""
+        n = len(args)
+        return [*args, *(kwargs[k] if k in kwargs else self.defaults[k] for k in self.names[n:])]
+
+
+_CACHES: Dict[int, _KernelCache] = {}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with a cached direct relaunch when :func:`fast_launch_enabled`.
+
+    Args:
+        kernel: a ``@triton.jit`` function.
+        grid: a tuple of 1-3 ints (a callable grid is not supported here).
+        args, kwargs: the kernel's arguments; kwargs hold only constexprs and launch options (num_warps, ...)
+            and enter the key by value, as do positional constexprs.
+    """
+    if not _ENABLED:
+        kernel[grid](*args, **kwargs)
+        return
+    cache = _CACHES.get(id(kernel))
+    if cache is None:
+        cache = _CACHES[id(kernel)] = _KernelCache(kernel)
+    key = cache.key(args, kwargs)
+    compiled = cache.compiled.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **kwargs)
+        cache.compiled[key] = compiled.result() if hasattr(compiled, "result") else compiled
+        return
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*cache.ordered(args, kwargs))
+
+
+_ENABLED = fast_launch_enabled()
