@@ -43,17 +43,17 @@ def fast_launch_enabled() -> bool:
     return _version() in TESTED_TRITON and hasattr(triton.compiler.CompiledKernel, "__getitem__")
 
 
-_INT32 = 1 << 31
+_INT32, _INT64 = 1 << 31, 1 << 63
 
 
 def _arg_class(x: Any):
-    """What Triton may specialize a non-constexpr argument on (a superset of it)."""
+    """What Triton may specialize a non-constexpr argument on (a superset of it): i32 / i64 / u64 by range."""
     if isinstance(x, torch.Tensor):
         return x.dtype, x.data_ptr() & 15 == 0
     if isinstance(x, bool) or x is None or isinstance(x, str):
-        return x
+        return type(x), x
     if isinstance(x, int):
-        return "i", x == 1, x & 15 == 0, -_INT32 <= x < _INT32
+        return "i", x == 1, x & 15 == 0, -_INT32 <= x < _INT32, x >= _INT64
     if isinstance(x, float):
         return "f"
     return type(x), x
@@ -63,17 +63,21 @@ class _KernelCache:
     """Per kernel: the argument order of its signature and the compiled kernel of each argument class."""
 
     def __init__(self, kernel):
+        self.kernel = kernel
         params = inspect.signature(kernel.fn).parameters
         self.names = list(params)
         self.defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-        # positional arguments from this index on are constexprs: they enter the key by value
-        self.n_runtime = next((i for i, p in enumerate(params.values()) if p.annotation is tl.constexpr),
-                              len(params))
+        # parameters from this index on are constexprs (launch() passes them by keyword)
+        flags = [kp.is_constexpr for kp in kernel.params] if hasattr(kernel, "params") else \
+            [p.annotation is tl.constexpr for p in params.values()]
+        self.n_runtime = next((i for i, c in enumerate(flags) if c), len(flags))
         self.compiled: Dict[tuple, Any] = {}
 
     def key(self, args, kwargs) -> tuple:
-        n = self.n_runtime
-        return (torch.cuda.current_device(), tuple(map(_arg_class, args[:n])), args[n:], tuple(kwargs.items()))
+        """Device, runtime-argument classes, then constexprs and options by value and type (True == 1 == 1.0
+        in Python, but Triton compiles them apart)."""
+        return (torch.cuda.current_device(), tuple(map(_arg_class, args)), tuple(kwargs.items()),
+                tuple(map(type, kwargs.values())))
 
     def ordered(self, args, kwargs) -> list:
         """Every signature argument in order, as JITFunction.run hands them to the compiled kernel."""
@@ -90,15 +94,19 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     Args:
         kernel: a ``@triton.jit`` function.
         grid: a tuple of 1-3 ints (a callable grid is not supported here).
-        args, kwargs: the kernel's arguments; kwargs hold only constexprs and launch options (num_warps, ...)
-            and enter the key by value, as do positional constexprs.
+        args, kwargs: the kernel's arguments; runtime arguments by position, constexprs and launch options
+            (num_warps, ...) by keyword (they enter the key by value and type). A constexpr passed by position
+            takes the ordinary path.
     """
-    if not _ENABLED:
+    if not _ENABLED or torch.compiler.is_compiling():   # a tracer captures kernel[grid] itself
         kernel[grid](*args, **kwargs)
         return
     cache = _CACHES.get(id(kernel))
-    if cache is None:
+    if cache is None or cache.kernel is not kernel:
         cache = _CACHES[id(kernel)] = _KernelCache(kernel)
+    if len(args) > cache.n_runtime:      # a constexpr passed by position: not keyed here
+        kernel[grid](*args, **kwargs)
+        return
     key = cache.key(args, kwargs)
     compiled = cache.compiled.get(key)
     if compiled is None:

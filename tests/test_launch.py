@@ -40,7 +40,7 @@ def run(x, a=2.0, b=1, square=None, block=64):
 
 def test_arg_class_separates_what_triton_specializes_on():
     x = torch.zeros(64)
-    classes = [fl._arg_class(v) for v in (x, x[1:], x.half(), 1, 16, 17, 1 << 31, 2.0, None, True)]
+    classes = [fl._arg_class(v) for v in (x, x[1:], x.half(), 1, 16, 17, 1 << 31, 1 << 63, 2.0, None, True, False)]
     assert len(set(classes)) == len(classes)
     assert fl._arg_class(x[4:]) == fl._arg_class(x)          # 16-byte aligned again
     assert fl._arg_class(16) == fl._arg_class(32) and fl._arg_class(3) == fl._arg_class(5)
@@ -56,6 +56,8 @@ def test_ordered_arguments_follow_the_signature(monkeypatch):
     assert cache.ordered((x, y, 2.0, 1, 4), dict(SQUARE=True, BLOCK=8)) == [x, y, 2.0, 1, 4, 8, True]
     key = cache.key((x, y, 2.0, 1, 4), dict(BLOCK=8))
     assert key != cache.key((x, y, 2.0, 1, 4), dict(BLOCK=16)) and key != cache.key((x, y, 2.0, 2, 4), dict(BLOCK=8))
+    assert cache.key((x, y, 2.0, 1, 4), dict(BLOCK=8, SQUARE=True)) != cache.key((x, y, 2.0, 1, 4), dict(BLOCK=8,
+                                                                                                       SQUARE=1))
 
 
 def test_fast_path_is_off_without_a_gpu_triton(monkeypatch):

@@ -161,7 +161,7 @@ def test_causal_conv_tail_and_identity_init():
 def test_in_proj_matches_separate_projections_and_follows_weight_updates():
     """The KDA layer's one-matmul in-projection (weights concatenated and kept at inference) equals the six
     separate projections, is rebuilt after an in-place update or a cast, and passes gradients to every weight."""
-    m = make_model("hybrid-kda", attention_bias=True)
+    m = make_model("hybrid-kda", attention_bias=True).eval()
     mixer = next(layer.mixer for layer in m.layers if layer.mixer_type == "kda")
     x = torch.randn(2, 7, TINY["hidden_size"])
 
@@ -177,6 +177,7 @@ def test_in_proj_matches_separate_projections_and_follows_weight_updates():
             assert rel(a, b) < 1e-6
 
     check(x)
+    assert "in_proj" in mixer.derived._store        # kept: eval mode, no gradient
     with torch.no_grad():
         mixer.k_proj.weight.add_(0.5)
         mixer.b_proj.weight.mul_(-2.0)
@@ -192,6 +193,55 @@ def test_in_proj_matches_separate_projections_and_follows_weight_updates():
     for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.f_a, mixer.g_a, mixer.b_proj):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
     assert mixer.q_proj.bias.grad is not None
+
+
+def test_derived_weights_kept_only_when_safe():
+    """The kept in-projection is used only in eval mode without gradients or tracers; train()/eval() and .to()
+    drop it (wrappers such as FSDP rewrite parameters without bumping their version); a model built under
+    inference_mode (parameters without a version counter) runs, and so do frozen parameters with an input that
+    needs a gradient afterwards."""
+    m = make_model("hybrid-kda").train()
+    mixer = next(layer.mixer for layer in m.layers if layer.mixer_type == "kda")
+    ids = torch.randint(0, TINY["vocab_size"], (1, 20))
+    with torch.no_grad():
+        m(ids)
+    assert not mixer.derived._store                 # training mode: built per call
+    m.eval()
+    with torch.no_grad():
+        before = m(ids)
+    assert mixer.derived._store
+    with torch.no_grad():
+        mixer.v_proj.weight.data.copy_(torch.randn_like(mixer.v_proj.weight))   # no version bump
+    m.eval()                                        # clears: the change is seen
+    assert not mixer.derived._store
+    with torch.no_grad():
+        after = m(ids)
+    assert rel(after, before) > 1e-3
+    m.double()
+    assert not mixer.derived._store
+    m.float()
+
+    with torch.inference_mode():
+        built_there = make_model("hybrid-kda").eval()
+        assert torch.isfinite(built_there(ids)).all()
+    with torch.inference_mode():
+        m(ids)                                      # kept tensors are now inference tensors
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, 20, TINY["hidden_size"], requires_grad=True)
+    info = m._step_info(ids, None, None)
+    mixer(x, info).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_kda_model_compiles_fullgraph():
+    """torch.compile sees the per-call concatenation (no storage-pointer checks while tracing)."""
+    m = make_model("hybrid-kda").eval()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 20))
+    with torch.no_grad():
+        ref = m(ids)
+        out = torch.compile(m, fullgraph=True, backend="eager")(ids)
+    assert rel(out, ref) < 1e-6
 
 
 def test_kda_model_same_logits_with_and_without_grad():

@@ -110,24 +110,26 @@ class KDAMixer(nn.Module):
 
     def in_proj(self, x: torch.Tensor):
         """All projections of ``x [B, T, hidden]`` as one matmul: ``(qkv, f_a(x), g_a(x), b_proj(x))`` as column
-        views of one ``[B, T, (H + 2 Hkv) D + 2 r + H]`` tensor. The concatenated weight is kept between calls
-        at inference (``DerivedWeights``: +(H + 2 Hkv) D + 2 r + H rows of hidden, ~8.7 MB per layer at the
-        Qwen3-0.6B shape in bf16) and rebuilt each call when a gradient is needed."""
-        params = self._in_proj_params()
-        if DerivedWeights.needs_grad(params):
-            w, b = self._build_in_proj()
-        else:
-            w, b = self.derived.get("in_proj", params, self._build_in_proj)
+        views of one ``[B, T, (H + 2 Hkv) D + 2 r + H]`` tensor. The concatenated weight is kept between
+        inference calls in eval mode (``DerivedWeights``: +(H + 2 Hkv) D + 2 r + H rows of hidden, ~8.7 MB per
+        layer at the Qwen3-0.6B shape in bf16) and rebuilt on every call otherwise."""
+        w, b = self.derived.get("in_proj", self._in_proj_params(), self._build_in_proj, self.training)
         C = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         r = self.f_a.weight.shape[0]
         return F.linear(x, w, b).split([C, r, r, self.num_heads], dim=-1)
 
     def _gate_params(self):
         """A_log and dt_bias in fp32 (the kernels' dtype), cast once per parameter state at inference."""
-        params = (self.A_log, self.dt_bias)
-        if DerivedWeights.needs_grad(params):
-            return self.A_log.float(), self.dt_bias.float()
-        return self.derived.get("gate", params, lambda: (self.A_log.float(), self.dt_bias.float()))
+        return self.derived.get("gate", (self.A_log, self.dt_bias), lambda: (self.A_log.float(), self.dt_bias.float()),
+                                self.training)
+
+    def train(self, mode: bool = True):
+        self.derived.clear()   # see DerivedWeights: eval() starts from the parameters as they are now
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.derived.clear()   # .to() / .cuda() / .half(): do not keep the old device's or dtype's copies alive
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, info: StepInfo, cache: Optional[KDACache] = None) -> torch.Tensor:
         B, T, _ = x.shape

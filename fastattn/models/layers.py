@@ -1,5 +1,5 @@
 """Building blocks of the Qwen3 block: RMSNorm, rotary position embedding, SwiGLU MLP; derived-weight cache."""
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,23 +58,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DerivedWeights:
-    """Tensors computed from parameters (a concatenation of projection weights, an fp32 copy), rebuilt only when
-    one of those parameters changes: moved, cast, or modified in place (its version counter).
+    """Tensors computed from parameters (a concatenation of projection weights, an fp32 copy), kept between
+    inference calls of a module in eval mode and rebuilt when one of those parameters is moved, cast, replaced or
+    modified in place (storage pointer, version counter, dtype).
 
-    Inference only: with a gradient to propagate, call the builder directly so autograd sees it. The cached
-    tensors are plain attributes, not buffers: they never enter a state dict.
+    Kept only when it is safe to: gradients disabled (``torch.no_grad`` / ``torch.inference_mode``), the owning
+    module in eval mode, no tracer (``torch.compile``), no inference-mode parameters (they have no version counter);
+    otherwise :meth:`get` builds the tensors on every call, so autograd and compilers see the real computation.
+    The owner clears the store whenever ``train()``/``eval()`` or ``to()``/``cuda()``/``half()`` is called, which
+    also covers wrappers that rewrite parameters in place without bumping their version (FSDP's all-gather); a
+    change made through ``param.data`` while in eval mode is not seen until the next ``eval()``.
+    The tensors are plain attributes, not buffers: they never enter a state dict.
     """
 
     def __init__(self):
         self._store: Dict[str, Tuple[tuple, object]] = {}
 
-    @staticmethod
-    def needs_grad(params: Sequence[torch.Tensor]) -> bool:
-        return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    def clear(self) -> None:
+        self._store.clear()
 
-    def get(self, name: str, params: Sequence[torch.Tensor], build: Callable[[], object]):
-        """``build()``, computed once per state of ``params`` (None entries ignored)."""
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
+    def get(self, name: str, params: Sequence[Optional[torch.Tensor]], build: Callable[[], object],
+            training: bool):
+        """``build()``, kept per state of ``params`` (None entries ignored) when caching is safe (class docstring);
+        ``training`` is the owning module's ``self.training``."""
+        if training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return build()
+        live = [p for p in params if p is not None]
+        if any(p.is_inference() for p in live):
+            return build()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in live)
         hit = self._store.get(name)
         if hit is None or hit[0] != key:
             hit = self._store[name] = (key, build())
