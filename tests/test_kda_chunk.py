@@ -80,13 +80,17 @@ def test_chunk_extreme_gates(gate):
 
 @pytest.mark.interpret
 @needs_kernels
-def test_chunk_decay_across_the_diagonal_anchor_limit():
+@pytest.mark.parametrize("K,T,cu", [(16, 64, None), (64, 100, [0, 37, 100])], ids=["one-k-tile", "two-k-tiles-varlen"])
+def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, cu):
     """Decays that cross DIAG_RANGE (chunk_intra.py) inside 16-row sub-blocks: a sub-block's early rows take the
-    anchored product, its later rows the pairwise fallback, in the same chunk; every row must match the oracle."""
-    x, kw = make_case(1, 64, 1, 1, 16, 16, torch.float32, gate="none", h0=True, seed=7)
+    anchored product, its later rows the exact fix stages (chunk_intra_fix.py, chunk_bwd_fix.py), in the same
+    chunk; every row must match the oracle. With K = 64 only the first backward K tile (channels < 32) is flagged,
+    and the varlen split puts the steep rows in partial chunks."""
+    x, kw = make_case(1, T, 1, 1, K, 16, torch.float32, gate="none", h0=True, cu=cu, seed=7)
     with torch.no_grad():  # log2 decay 4.3 per step on even channels: the anchor limit 48 falls at row ~11
-        x["g"][..., ::2] = -3.0
+        x["g"][..., :32:2] = -3.0
         x["g"][..., 1::2] = -0.05
+        x["g"][..., 32::2] = -0.2
     check_against_oracle(fastattn.chunk_kda, x, kw, torch.float32)
 
 

@@ -91,6 +91,33 @@ def load_beta(beta, tok, m_t, i_hv, HV: tl.constexpr, USE_SIGMOID: tl.constexpr)
 
 
 @triton.jit
+def load_rstd(rstd_q, rstd_k, tok, m_t, i_hv, HV: tl.constexpr, BT: tl.constexpr, USE_L2NORM: tl.constexpr):
+    """l2norm factors (rq, rk) [BT] of the rows tok of value head i_hv, fp32 (ones without USE_L2NORM)."""
+    if USE_L2NORM:
+        b_rq = tl.load(rstd_q + tok * HV + i_hv, mask=m_t, other=0.)
+        b_rk = tl.load(rstd_k + tok * HV + i_hv, mask=m_t, other=0.)
+    else:
+        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
+        b_rk = tl.full([BT], 1.0, dtype=tl.float32)
+    return b_rq, b_rk
+
+
+@triton.jit
+def load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, c0, H: tl.constexpr, HV: tl.constexpr,
+                 K: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr):
+    """fp32 q and k tiles [BT, BK] (columns c0 ...) of the chunk starting at token row, l2-normalised when asked
+    (rstd of value head i_hv), and their mask."""
+    p_x, m = row_tile(q + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
+    b_q = tl.load(p_x, mask=m, other=0.).to(tl.float32)
+    p_x, m = row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
+    b_k = tl.load(p_x, mask=m, other=0.).to(tl.float32)
+    if USE_L2NORM:
+        b_q = b_q * tl.load(rstd_q + tok * HV + i_hv, mask=m_t, other=0.)[:, None]
+        b_k = b_k * tl.load(rstd_k + tok * HV + i_hv, mask=m_t, other=0.)[:, None]
+    return b_q, b_k, m
+
+
+@triton.jit
 def gate_fwd(x, a, b, HAS_LB: tl.constexpr, LB: tl.constexpr):
     """Log-decay from raw gate input x (any shape); a = exp(A_log) (scalar), b = dt_bias (broadcast).
 
@@ -121,6 +148,19 @@ def gate_bwd(x, a, b, dg, HAS_LB: tl.constexpr, LB: tl.constexpr):
         dx = -a * s * dg
         da_log = -a * sp * dg
     return dx, da_log
+
+
+@triton.jit
+def gate_grad_tile(g, A_log, dt_bias, x_b, o_t, m_t, m, i_hv, o_k, m_k, c0, b_dg, HV: tl.constexpr, K: tl.constexpr,
+                   BK: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+                   LB: tl.constexpr):
+    """Gate backward of one [BT, BK] tile (raw gate rows o_t, columns c0 ... at g + x_b) given dL/dg:
+    (dL/dx, zero outside the mask m; the tile's sum of the dL/dA_log terms)."""
+    p_g, _ = row_tile(g + x_b, o_t, m_t, HV * K, c0, K, BK)
+    b_x = tl.load(p_g, mask=m, other=0.).to(tl.float32)
+    b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
+    b_dx, b_dal = gate_bwd(b_x, b_a, b_bias[None, :], b_dg, HAS_LB, LB)
+    return tl.where(m, b_dx, 0.), tl.sum(tl.sum(tl.where(m, b_dal, 0.), axis=1), axis=0)
 
 
 @triton.jit

@@ -8,41 +8,8 @@ Reads q, k, g, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL. Writes dq, dk
 import triton
 import triton.language as tl
 
-from ._common import chunk_program, gate_bwd, load_beta, load_gate_params, row_tile
+from ._common import chunk_program, gate_grad_tile, load_beta, load_qk_tile, row_tile
 from .chunk_intra import DIAG_RANGE
-
-
-@triton.jit
-def diag_pairwise_bwd(b_dMa, b_dMl, b_pa, b_pl, b_qr, q, k, beta, Gc, rstd_q, rstd_k, b_G, bos, i_c, seq_len,
-                      i_h, i_hv, scale, o_t, o_k, m_k, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr):
-    """Exact diagonal sub-block terms of the rows whose decay exceeds DIAG_RANGE (dMa / dMl hold only those
-    rows): row r against partner p = its block start + c, as the left factor (p <= r) and as the right (p >= r)."""
-    m_r = (i_c * BT + o_t) < seq_len
-    for c in range(BC):
-        o_p = (o_t // BC) * BC + c
-        m_p = (i_c * BT + o_p) < seq_len
-        tok_p = bos + i_c * BT + o_p
-        m2 = m_p[:, None] & m_k[None, :]
-        b_qp = tl.load(q + ((tok_p * H + i_h) * K)[:, None] + o_k[None, :], mask=m2, other=0.).to(tl.float32)
-        b_kp = tl.load(k + ((tok_p * H + i_h) * K)[:, None] + o_k[None, :], mask=m2, other=0.).to(tl.float32)
-        if USE_L2NORM:
-            b_qp = b_qp * tl.load(rstd_q + tok_p * HV + i_hv, mask=m_p, other=0.)[:, None]
-            b_kp = b_kp * tl.load(rstd_k + tok_p * HV + i_hv, mask=m_p, other=0.)[:, None]
-        b_bp = load_beta(beta, tok_p, m_p, i_hv, HV, USE_SIGMOID)
-        b_Gp = tl.load(Gc + ((tok_p * HV + i_hv) * K)[:, None] + o_k[None, :], mask=m2, other=0.)
-        m_left = m2 & ((o_p <= o_t) & m_r)[:, None]
-        b_el = tl.exp2(tl.where(m_left, b_G - b_Gp, float("-inf")))
-        m_rp = o_t[None, :] == o_p[:, None]
-        b_pa += tl.sum(tl.where(m_rp, b_dMa, 0.), axis=1)[:, None] * b_kp * b_el
-        b_pl += tl.sum(tl.where(m_rp, b_dMl, 0.), axis=1)[:, None] * b_kp * b_el
-        m_right = m2 & ((o_p >= o_t) & m_r)[:, None]
-        b_er = tl.exp2(tl.where(m_right, b_Gp - b_G, float("-inf")))
-        m_pr = o_t[:, None] == o_p[None, :]
-        b_va = tl.sum(tl.where(m_pr, b_dMa, 0.), axis=0)
-        b_vl = tl.sum(tl.where(m_pr, b_dMl, 0.), axis=0)
-        b_qr += (b_va[:, None] * b_qp * scale + (b_vl * b_bp)[:, None] * b_kp) * b_er
-    return b_pa, b_pl, b_qr
 
 
 @triton.jit
@@ -55,7 +22,8 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
     Q = dMa^T (scale q e) + dMl^T (beta k e) (right factors, returned).
     One pass per row sub-block s, every factor anchored at row a = s*BC-1 (row 0 for s = 0): the row side
     2^(G_i - G_a) <= 1, the column side 2^(G_a - G_j) <= 1 left of the block and <= 2^DIAG_RANGE inside it;
-    rows whose decay since the anchor exceeds that get their in-block pairs from the pairwise loop."""
+    rows whose decay since the anchor exceeds that leave their in-block pairs to kda_intra_fix_bwd_kernel; the
+    largest such decay is returned last."""
     b_qr = tl.zeros([BT, BK], dtype=tl.float32)
     b_far = 0.
     for i_s in tl.static_range(0, BT // BC):
@@ -97,26 +65,12 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
     m_all = ((i_c * BT + o_t) < seq_len)[:, None] & m_k[None, :]
     b_pa = tl.load(p_pa + (o_t[:, None] * (HV * K) + tl.arange(0, BK)[None, :]), mask=m_all, other=0.)
     b_pl = tl.load(p_pl + (o_t[:, None] * (HV * K) + tl.arange(0, BK)[None, :]), mask=m_all, other=0.)
-    if b_far > DIAG_RANGE:
-        b_Ga = tl.zeros([BT, BK], dtype=tl.float32)
-        for i_s in tl.static_range(0, BT // BC):
-            b_gaf = tl.sum(tl.where((o_t == i_s * BC - 1 + (i_s == 0))[:, None], b_G, 0.), axis=0)
-            b_Ga = tl.where((o_t // BC == i_s)[:, None], b_gaf[None, :], b_Ga)
-        b_rngf = tl.max(tl.where(m_all, b_Ga - b_G, 0.), axis=1)
-        m_far = ((o_t // BC)[:, None] == (o_t // BC)[None, :]) & (b_rngf > DIAG_RANGE)[:, None]
-        m_far = m_far & ((i_c * BT + o_t) < seq_len)[:, None]
-        o_a = o_t[:, None] * (HV * BT) + o_t[None, :]
-        b_dMa = tl.load(dAqk + a_b + o_a, mask=m_far, other=0.)
-        b_dMl = tl.load(dL + a_b + o_a, mask=m_far, other=0.)
-        b_pa, b_pl, b_qr = diag_pairwise_bwd(b_dMa, b_dMl, b_pa, b_pl, b_qr, q, k, beta, Gc, rstd_q, rstd_k, b_G,
-                                             bos, i_c, seq_len, i_h, i_hv, scale, o_t, o_k, m_k, H, HV, K, BT, BC,
-                                             USE_L2NORM, USE_SIGMOID)
-    return b_pa, b_pl, b_qr
+    return b_pa, b_pl, b_qr, b_far
 
 
 @triton.jit(do_not_specialize=["T"])
 def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k, h, dh, do, vn, dvn, dAqk, dL,
-                         dqn, dkn, dg, dbeta, dA, dbias, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+                         dqn, dkn, dg, dbeta, dA, dbias, far, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                          USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, USE_GATE: tl.constexpr,
@@ -132,13 +86,8 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     n_valid = tl.minimum(BT, seq_len - i_c * BT)
     row = bos + i_c * BT                           # first token of the chunk (int64 bases, int32 tiles)
     x_b = row * HV * K + i_hv * K                  # Gc, g, dqn, dkn, dg
-    p_x, m = row_tile(q + row * H * K + i_h * K, o_t, m_t, H * K, i_k * BK, K, BK)
-    b_q = tl.load(p_x, mask=m, other=0.).to(tl.float32)
-    p_x, m = row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, i_k * BK, K, BK)
-    b_k = tl.load(p_x, mask=m, other=0.).to(tl.float32)
-    if USE_L2NORM:
-        b_q = b_q * tl.load(rstd_q + tok * HV + i_hv, mask=m_t, other=0.)[:, None]
-        b_k = b_k * tl.load(rstd_k + tok * HV + i_hv, mask=m_t, other=0.)[:, None]
+    b_q, b_k, m = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,
+                               USE_L2NORM)
     p_G, _ = row_tile(Gc + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
     b_G = tl.load(p_G, mask=m, other=0.)
     b_gl = tl.load(Gc + ((row + n_valid - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0.)
@@ -177,7 +126,7 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     # ---- through the decayed products Aqk and L (the left-factor terms pass through dqn / dkn as scratch)
     p_dq = dqn + x_b + i_k * BK
     p_dk = dkn + x_b + i_k * BK
-    b_pa, b_pl, b_qr = decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_dq, p_dk, b_k, b_G, a_b,
+    b_pa, b_pl, b_qr, b_far = decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_dq, p_dk, b_k, b_G, a_b,
                                           row, bos, i_c, seq_len, i_h, i_hv, scale, o_t, i_k * BK, o_k, m_k,
                                           H, HV, K, BT, BC, BK, USE_L2NORM, USE_SIGMOID, DOT_PREC)
     tl.debug_barrier()  # every thread has read its scratch before the final values overwrite it
@@ -188,6 +137,7 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     p_x, _ = row_tile(dkn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
     tl.store(p_x, b_dkn, mask=m)
     tl.store(dbeta + (tok * HV + i_hv) * NK + i_k, tl.sum(b_k * b_pl, axis=1), mask=m_t)
+    tl.store(far + (i_t * HV + i_hv) * NK + i_k, (b_far > DIAG_RANGE).to(tl.int8))
 
     # ---- gradient of the cumulative decay G (natural-log units), then g = reverse cumsum within the chunk
     b_kd = b_k * b_ed
@@ -198,14 +148,11 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
     p_x, _ = row_tile(dg + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
     if USE_GATE:
-        p_g, _ = row_tile(g + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
-        b_x = tl.load(p_g, mask=m, other=0.).to(tl.float32)
-        b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
-        b_dx, b_dal = gate_bwd(b_x, b_a, b_bias[None, :], b_dg, HAS_LB, LB)
-        b_dx = tl.where(m, b_dx, 0.)
+        b_dx, b_dal = gate_grad_tile(g, A_log, dt_bias, x_b, o_t, m_t, m, i_hv, o_k, m_k, i_k * BK, b_dg, HV, K, BK,
+                                     HAS_A, HAS_BIAS, HAS_LB, LB)
         tl.store(p_x, b_dx.to(dg.dtype.element_ty), mask=m)
         if HAS_A:
-            tl.store(dA + (i_t * HV + i_hv) * NK + i_k, tl.sum(tl.sum(tl.where(m, b_dal, 0.), axis=1), axis=0))
+            tl.store(dA + (i_t * HV + i_hv) * NK + i_k, b_dal)
         if HAS_BIAS:
             tl.store(dbias + (i_t * HV + i_hv) * K + o_k, tl.sum(b_dx, axis=0), mask=m_k)
     else:

@@ -3,8 +3,9 @@
 G = in-chunk cumsum of the (in-kernel) gate, log2 units; e_ijd = 2^(G_id - G_jd); A_qk = scale tril(sum_d q k e),
 L = diag(beta) strict_tril(sum_d k k e) (q, k l2-normalised when asked). One row strip of BC rows at a time, one
 tensor-core dot per strip and K tile anchored on the strip's first row a: rows 2^(G_i - G_a) <= 1, columns
-2^(G_a - G_j) (<= 1 left of the strip, <= 2^DIAG_RANGE inside it; rows beyond that are redone pairwise).
-Grid (chunks, HV). Reads q, k, g, beta. Writes Gc [T, HV, K], Aqk and L [T, HV, BT], rstd_q/k [T, HV].
+2^(G_a - G_j) (<= 1 left of the strip, capped at 2^DIAG_RANGE inside it; chunks with rows beyond the cap are
+flagged in `far` and those rows' in-strip entries rewritten exactly by stage 1a-fix, chunk_intra_fix.py).
+Grid (chunks, HV). Reads q, k, g, beta. Writes Gc [T, HV, K], Aqk and L [T, HV, BT], rstd_q/k [T, HV], far [NT, HV].
 """
 import triton
 import triton.language as tl
@@ -13,33 +14,12 @@ from ._common import LOG2E, chunk_program, gate_fwd, load_beta, load_gate_params
 
 # Largest log2 decay the diagonal sub-block dot may undo (2^48 stays far from fp32 overflow and the
 # factor it multiplies, <= 1, far from the subnormals); a row whose decay since its sub-block start
-# exceeds it gets its diagonal entries from the exact pairwise loop instead.
+# exceeds it gets its in-strip entries from stage 1a-fix instead (exact for any decay, slower).
 DIAG_RANGE = tl.constexpr(48.0)
 
 
-@triton.jit
-def diag_pairwise(b_qs, b_ks, b_Gs, k_b, G_b, s0, n_valid, o_r, m_r, o_t, o_k, m_k,
-                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Exact diagonal entries of one strip (rows o_r, first row s0; n_valid valid rows in the chunk) on one K tile:
-    row i against partner j = s0 + c <= i; k_b, G_b point at the chunk's first row of k and Gc. Returns
-    (sum_d q_id k_jd e_ijd, sum_d k_id k_jd e_ijd) placed at [i, j] of a [BC, BT] tile."""
-    b_sq = tl.zeros([BC, BT], dtype=tl.float32)
-    b_sk = tl.zeros([BC, BT], dtype=tl.float32)
-    for c in range(BC):
-        j = s0 + c
-        m_j = m_r & (o_r >= j)
-        m_kj = m_k & ((o_k * 0 + j) < n_valid)
-        b_kj = tl.load(k_b + j * H * K + o_k, mask=m_kj, other=0.).to(tl.float32)
-        b_Gj = tl.load(G_b + j * HV * K + o_k, mask=m_kj, other=0.)
-        b_e = tl.exp2(tl.where(m_j[:, None] & m_k[None, :], b_Gs - b_Gj[None, :], float("-inf")))
-        b_put = (o_t == j)[None, :]
-        b_sq += tl.where(b_put, tl.sum(b_qs * b_kj[None, :] * b_e, axis=1)[:, None], 0.)
-        b_sk += tl.where(b_put, tl.sum(b_ks * b_kj[None, :] * b_e, axis=1)[:, None], 0.)
-    return b_sq, b_sk
-
-
 @triton.jit(do_not_specialize=["T"])
-def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd_k, cu_seqlens, chunk_indices,
+def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens, chunk_indices,
                          scale, T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                          BC: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
                          USE_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, HAS_A: tl.constexpr,
@@ -85,6 +65,7 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd
 
     # ---- pass 2: one strip of BC rows at a time, every column of the chunk in one dot per K tile
     o_c = tl.arange(0, BC)
+    b_far = 0.
     for i_s in range(0, tl.cdiv(tl.minimum(seq_len - i_c * BT, BT), BC)):
         s0 = i_s * BC
         o_r = s0 + o_c
@@ -108,17 +89,9 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd
             p_x, m_x = row_tile(Gc + x_b, o_t, m_cols, HV * K, i_k * BK, K, BK)
             b_G = tl.load(p_x, mask=m_x, other=0.)
             b_kb = tl.trans(tl.where(m_x, b_k * tl.exp2(tl.minimum(b_ga[None, :] - b_G, DIAG_RANGE)), 0.))
-            b_tq = tl.dot(b_qs * b_ea, b_kb, input_precision=DOT_PREC)
-            b_tk = tl.dot(b_ks * b_ea, b_kb, input_precision=DOT_PREC)
-            b_rng = tl.max(tl.where(m_xs, b_ga[None, :] - b_Gs, 0.), axis=1)   # decay since the anchor
-            if tl.max(b_rng, axis=0) > DIAG_RANGE:
-                b_pq, b_pk = diag_pairwise(b_qs, b_ks, b_Gs, k_b, Gc + x_b, s0, seq_len - i_c * BT, o_r, m_r, o_t,
-                                           o_k, m_k, H, HV, K, BT, BC)
-                m_fix = (b_rng > DIAG_RANGE)[:, None] & (o_t >= s0)[None, :]
-                b_tq = tl.where(m_fix, b_pq, b_tq)
-                b_tk = tl.where(m_fix, b_pk, b_tk)
-            b_Aq += b_tq
-            b_Ak += b_tk
+            b_far = tl.maximum(b_far, tl.max(tl.max(tl.where(m_xs, b_ga[None, :] - b_Gs, 0.), axis=1), axis=0))
+            b_Aq += tl.dot(b_qs * b_ea, b_kb, input_precision=DOT_PREC)
+            b_Ak += tl.dot(b_ks * b_ea, b_kb, input_precision=DOT_PREC)
 
         if USE_L2NORM:
             b_rqs = tl.load(rstd_q + (row + o_r) * HV + i_hv, mask=m_r, other=0.)
@@ -135,3 +108,4 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd
         tl.store(p_a, b_Aq, mask=m_a)
         p_a, m_a = row_tile(L + a_off, o_r, m_r, HV * BT, 0, BT, BT)
         tl.store(p_a, b_Ak, mask=m_a)
+    tl.store(far + i_t * HV + i_hv, (b_far > DIAG_RANGE).to(tl.int8))

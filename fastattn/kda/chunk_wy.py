@@ -8,7 +8,7 @@ writes w, qg, kd [T, HV, K], u [T, HV, V] (STORE_U) and kg = k 2^G (STORE_KG) in
 import triton
 import triton.language as tl
 
-from ._common import chunk_program, load_beta, row_tile
+from ._common import chunk_program, load_beta, load_rstd, row_tile
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -38,12 +38,7 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, L, rstd_q, rstd_k, w, u, qg, kd, kg, cu
         b_D = b_L
 
     b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
-    if USE_L2NORM:
-        b_rq = tl.load(rstd_q + tok * HV + i_hv, mask=m_t, other=0.)
-        b_rk = tl.load(rstd_k + tok * HV + i_hv, mask=m_t, other=0.)
-    else:
-        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
-        b_rk = tl.full([BT], 1.0, dtype=tl.float32)
+    b_rq, b_rk = load_rstd(rstd_q, rstd_k, tok, m_t, i_hv, HV, BT, USE_L2NORM)
     b_Tb = b_D * b_beta[None, :]
     last = bos + tl.minimum(i_c * BT + BT, seq_len) - 1
     q_b = q + row * H * K + i_h * K
