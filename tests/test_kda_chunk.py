@@ -80,13 +80,14 @@ def test_chunk_extreme_gates(gate):
 
 @pytest.mark.interpret
 @needs_kernels
-@pytest.mark.parametrize("K,T,cu", [(16, 64, None), (64, 100, [0, 37, 100])], ids=["one-k-tile", "two-k-tiles-varlen"])
-def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, cu):
+@pytest.mark.parametrize("K,T,HV,cu", [(16, 64, 1, None), (64, 100, 1, [0, 37, 100]), (144, 70, 2, None)],
+                         ids=["one-k-tile", "two-k-tiles-varlen", "wide-head-gva"])
+def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, HV, cu):
     """Decays that cross DIAG_RANGE (chunk_intra.py) inside 16-row sub-blocks: a sub-block's early rows take the
     anchored product, its later rows the exact fix stages (chunk_intra_fix.py, chunk_bwd_fix.py), in the same
     chunk; every row must match the oracle. With K = 64 only the first backward K tile (channels < 32) is flagged,
-    and the varlen split puts the steep rows in partial chunks."""
-    x, kw = make_case(1, T, 1, 1, K, 16, torch.float32, gate="none", h0=True, cu=cu, seed=7)
+    the varlen split puts the steep rows in partial chunks, K = 144 runs 32-row chunks with two value heads per head."""
+    x, kw = make_case(1, T, 1, HV, K, 16, torch.float32, gate="none", h0=True, cu=cu, seed=7)
     with torch.no_grad():  # log2 decay 4.3 per step on even channels: the anchor limit 48 falls at row ~11
         x["g"][..., :32:2] = -3.0
         x["g"][..., 1::2] = -0.05
