@@ -127,7 +127,11 @@ def run_kda(args):
     res = Results(args.out, "kda")
     print(device_line(), flush=True)
     fla = load_fla() if args.baseline == "fla" else None
-    for name, lens, varlen in SHAPES[:1] if args.quick else SHAPES:
+    wanted = [c for c in args.case.split(",") if c]
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if wanted:
+        shapes = [s for s in shapes if any(w in s[0] for w in wanted)]
+    for name, lens, varlen in shapes:
         for mode in ("A", "B"):
             inputs, kw = make_inputs(lens, varlen, mode)
             do = torch.randn_like(inputs[2])
@@ -151,7 +155,7 @@ def run_kda(args):
             print(res.add(**row), flush=True)
             del inputs, kw, do, o
             torch.cuda.empty_cache()
-    if not args.quick:
+    if not args.quick and (not wanted or "first-call" in wanted):
         first, err = first_call_seconds()
         res.add(shape="B8-T4096", mode="B", first_call_fwd_s=first and first[0], first_call_fwdbwd_s=first and first[1],
                 error=err)

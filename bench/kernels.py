@@ -290,7 +290,9 @@ def main():
     p.add_argument("--sweep", action="store_true", help="time tile choices first")
     p.add_argument("--smoke", action="store_true", help="run every kernel once at a small shape and exit")
     p.add_argument("--no-decode", action="store_true", help="eva: skip the decode-step timings")
-    p.add_argument("--case", default="", help="eva: only cases whose name contains one of these (comma-separated)")
+    p.add_argument("--case", default="", help="only cases whose name contains one of these (comma-separated); kda: "
+                   "B8-T4096, B2-T16384, B1-T65536, varlen-6, varlen-8x1024, first-call (the fresh-process compile "
+                   "time, else measured on full runs only)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args()
     if not torch.cuda.is_available():
