@@ -1,11 +1,9 @@
 """Stage 3-fix of the chunked KDA backward: the in-block terms stage 3 could not anchor, exact for any decay.
 
-For the rows of one K tile whose decay since their anchor (the row before their block) exceeds 2^DIAG_RANGE
-(stage 3 flags the program), with dMa / dMl their in-block entries of dAqk / dL: P_A = dMa (k e), P_L = dMl (k e),
-Q = dMa^T (scale q e) + dMl^T (beta k e), from the diagonal (e = 1) and by halves (pairs i in the upper, j in the
-lower half of one 2b-row block anchored on the upper half's first row: both factors <= 1). Every output of stage 3
-is linear in (P_A, P_L, Q), so the terms are added to dqn, dkn, the dbeta partials, dg and the gate gradients.
-Grid (chunks, HV, K tiles); unflagged programs return at once.
+Rows of a flagged (chunk, K tile) whose decay since their anchor exceeds 2^DIAG_RANGE: P_A = dMa (k e), P_L = dMl (k e),
+Q = dMa^T (scale q e) + dMl^T (beta k e) over their in-block entries, by halves (both factors <= 1, as stage 1a-fix).
+Stage 3's outputs are linear in them: added to dqn, dkn, dbeta partials, dg, dA_log / dt_bias partials.
+Grid (chunks, HV, K tiles); unflagged programs return at once. Reads q, k, g, beta, Gc, rstd, dAqk, dL, far.
 """
 import triton
 import triton.language as tl

@@ -2,15 +2,14 @@
 
 G = in-chunk cumsum of the (in-kernel) gate, log2 units; e_ijd = 2^(G_id - G_jd); A_qk = scale tril(sum_d q k e),
 L = diag(beta) strict_tril(sum_d k k e) (q, k l2-normalised when asked). One row strip of BC rows at a time, one
-tensor-core dot per strip and K tile anchored on the strip's first row a: rows 2^(G_i - G_a) <= 1, columns
-2^(G_a - G_j) (<= 1 left of the strip, capped at 2^DIAG_RANGE inside it; chunks with rows beyond the cap are
-flagged in `far` and those rows' in-strip entries rewritten exactly by stage 1a-fix, chunk_intra_fix.py).
+dot per strip and K tile anchored on its first row a: 2^(G_i - G_a) <= 1, 2^(G_a - G_j) <= 1 left of the strip and
+capped at 2^DIAG_RANGE inside it (chunks with rows beyond the cap are flagged in `far`: see chunk_intra_fix.py).
 Grid (chunks, HV). Reads q, k, g, beta. Writes Gc [T, HV, K], Aqk and L [T, HV, BT], rstd_q/k [T, HV], far [NT, HV].
 """
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, chunk_program, gate_fwd, load_beta, load_gate_params, row_tile
+from ._common import LOG2E, chunk_program, gate_fwd, load_beta, load_gate_params, load_rstd, row_tile
 
 # Largest log2 decay the diagonal sub-block dot may undo (2^48 stays far from fp32 overflow and the
 # factor it multiplies, <= 1, far from the subnormals); a row whose decay since its sub-block start
@@ -93,12 +92,7 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd
             b_Aq += tl.dot(b_qs * b_ea, b_kb, input_precision=DOT_PREC)
             b_Ak += tl.dot(b_ks * b_ea, b_kb, input_precision=DOT_PREC)
 
-        if USE_L2NORM:
-            b_rqs = tl.load(rstd_q + (row + o_r) * HV + i_hv, mask=m_r, other=0.)
-            b_rks = tl.load(rstd_k + (row + o_r) * HV + i_hv, mask=m_r, other=0.)
-        else:
-            b_rqs = tl.full([BC], 1.0, dtype=tl.float32)
-            b_rks = tl.full([BC], 1.0, dtype=tl.float32)
+        b_rqs, b_rks = load_rstd(rstd_q, rstd_k, row + o_r, m_r, i_hv, HV, BC, USE_L2NORM)
         b_betas = load_beta(beta, row + o_r, m_r, i_hv, HV, USE_SIGMOID)
         m_valid = m_r[:, None] & m_t[None, :]
         b_Aq = tl.where(m_valid & (o_r[:, None] >= o_t[None, :]), b_Aq * scale * b_rqs[:, None] * b_rk[None, :], 0.)

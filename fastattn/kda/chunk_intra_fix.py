@@ -1,10 +1,9 @@
 """Stage 1a-fix of the chunked KDA forward: exact in-strip products of the rows stage 1a could not anchor.
 
-Rows whose decay since their strip's first row exceeds 2^DIAG_RANGE in some channel (stage 1a flags the chunk)
-get A_qk / L at columns of their own strip recomputed for any decay: the diagonal (e = 1), then by halves, pairs
-i in the upper, j in the lower half of one 2b-row block anchored on the upper half's first row a (2^(G_i - G_a)
-<= 1, 2^(G_a - G_j) <= 1), one masked tensor-core product per level and K tile. Grid (chunks, HV); unflagged
-programs return at once. Reads far, q, k, beta, Gc, rstd. Overwrites those rows' in-strip entries of Aqk and L.
+Rows whose decay since their strip's first row exceeds 2^DIAG_RANGE (stage 1a flags the chunk): their in-strip A_qk / L
+entries, the diagonal (e = 1), then by halves: pairs i in the upper, j in the lower half of a 2b-row block anchored on
+the upper half's first row a (2^(G_i - G_a), 2^(G_a - G_j) <= 1), one masked tensor-core product per level, K tile.
+Grid (chunks, HV); unflagged programs return at once. Reads far, q, k, beta, Gc, rstd; overwrites those Aqk, L entries.
 """
 import triton
 import triton.language as tl

@@ -201,6 +201,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
 
     BKt = min(BK, 32)
     NK = triton.cdiv(K, BKt)
+    BC = min(SUB_CHUNK, BT)
     dqn, dkn = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
     dg = torch.empty(B, T, HV, K, device=q.device, dtype=g.dtype)
     dbeta_k = torch.empty(B, T, HV, NK, **f32)
@@ -210,13 +211,13 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     launch(kda_intra_bwd_kernel, (NT, HV, NK),
         q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
         dqn, dkn, dg, dbeta_k, dA, dbias, far, cu, idx, offsets, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKt, BV=BV, NK=NK,
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BKt, BV=BV, NK=NK,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
         **_gate_flags(A_log, dt_bias, opts), **INTRA_BWD_LAUNCH)
     launch(kda_intra_fix_bwd_kernel, (NT, HV, NK),
         q, k, g, beta, A_log, dt_bias, Gc, rstd[0], rstd[1], dAqk, dL, far, dqn, dkn, dg, dbeta_k, dA, dbias,
-        cu, idx, opts.scale, T, H=H, HV=HV, K=K, BT=BT, BC=min(SUB_CHUNK, BT),
-        LOG_BC=min(SUB_CHUNK, BT).bit_length() - 1, BK=BKt, NK=NK, USE_L2NORM=opts.use_qk_l2norm,
+        cu, idx, opts.scale, T, H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKt, NK=NK,
+        USE_L2NORM=opts.use_qk_l2norm,
         USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **_gate_flags(A_log, dt_bias, opts), **INTRA_FIX_LAUNCH)
     del vn, dvn, dAqk, dL, dh
 
