@@ -13,18 +13,17 @@ from .chunk_intra import DIAG_RANGE
 
 
 @triton.jit
-def in_block_terms(b_dMa, b_dMl, b_q, b_k, b_kb, b_G, G_b, i_c, seq_len, o_t, c0, HV: tl.constexpr,
-                   K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, LOG_BC: tl.constexpr,
+def in_block_terms(p_dM, m_far, b_left, b_k, b_G, G_b, i_c, seq_len, o_t, c0, HV: tl.constexpr, K: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, LOG_BC: tl.constexpr,
                    DOT_PREC: tl.constexpr):
-    """(P_A, P_L, Q) [BT, BK] of the in-block pairs held by dMa / dMl [BT, BT] (zero elsewhere); b_q = scale q,
-    b_kb = beta k (left factors), b_k = k (right factor), l2-normalised, b_G the decay of this K tile."""
-    m_eq = o_t[:, None] == o_t[None, :]
-    b_da = tl.sum(tl.where(m_eq, b_dMa, 0.), axis=1)
-    b_dl = tl.sum(tl.where(m_eq, b_dMl, 0.), axis=1)
-    b_pa = b_da[:, None] * b_k
-    b_pl = b_dl[:, None] * b_k
-    b_qr = b_da[:, None] * b_q + b_dl[:, None] * b_kb
-    for i_l in tl.static_range(LOG_BC):
+    """(P, Q) [BT, BK] of the in-block pairs of the rows m_far for one product M_ij = sum_d a_id k_jd e_ijd:
+    P = dM (k e), Q = dM^T (a e), with dM read at p_dM ([BT, BT], row stride HV * BT) one level at a time (one
+    [BT, BT] tile live); b_left = a, b_k = k (l2-normalised), b_G the decay of this K tile."""
+    o_m = o_t[:, None] * (HV * BT) + o_t[None, :]
+    b_d = tl.load(p_dM + o_t * (HV * BT + 1), mask=m_far, other=0.)      # the diagonal: e = 1
+    b_p = b_d[:, None] * b_k
+    b_q = b_d[:, None] * b_left
+    for i_l in range(LOG_BC):
         b = BC >> (i_l + 1)
         o_a = (o_t // (2 * b)) * (2 * b) + b
         p_x, m_a = row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, c0, K, BK)
@@ -33,15 +32,11 @@ def in_block_terms(b_dMa, b_dMl, b_q, b_k, b_kb, b_G, G_b, i_c, seq_len, o_t, c0
         b_e = tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.))
         b_rf = tl.where(up, b_e, 0.)
         b_cf = tl.where(up | ~m_a, 0., b_e)
-        m_blk = (o_t // (2 * b))[:, None] == (o_t // (2 * b))[None, :]
-        b_Ma = tl.where(m_blk, b_dMa, 0.)
-        b_Ml = tl.where(m_blk, b_dMl, 0.)
-        b_kc = b_k * b_cf
-        b_pa += b_rf * tl.dot(b_Ma, b_kc, input_precision=DOT_PREC)
-        b_pl += b_rf * tl.dot(b_Ml, b_kc, input_precision=DOT_PREC)
-        b_qr += b_cf * (tl.dot(tl.trans(b_Ma), b_q * b_rf, input_precision=DOT_PREC)
-                        + tl.dot(tl.trans(b_Ml), b_kb * b_rf, input_precision=DOT_PREC))
-    return b_pa, b_pl, b_qr
+        m_blk = ((o_t // (2 * b))[:, None] == (o_t // (2 * b))[None, :]) & m_far[:, None]
+        b_M = tl.load(p_dM + o_m, mask=m_blk, other=0.)
+        b_p += b_rf * tl.dot(b_M, b_k * b_cf, input_precision=DOT_PREC)
+        b_q += b_cf * tl.dot(tl.trans(b_M), b_left * b_rf, input_precision=DOT_PREC)
+    return b_p, b_q
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -65,18 +60,16 @@ def kda_intra_fix_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, rstd_q, rstd_k, 
         p_x, _ = row_tile(Gc + x_b, (o_t // BC) * BC - 1 + (o_t < BC), m_t, HV * K, i_k * BK, K, BK)
         b_ga = tl.load(p_x, mask=m, other=0.)
         m_far = (tl.max(tl.where(m, b_ga - b_G, 0.), axis=1) > DIAG_RANGE) & m_t
-        m_w = m_far[:, None] & ((o_t // BC)[:, None] == (o_t // BC)[None, :])
-        o_a = o_t[:, None] * (HV * BT) + o_t[None, :]
         a_b = row * HV * BT + i_hv * BT
-        b_dMa = tl.load(dAqk + a_b + o_a, mask=m_w, other=0.)
-        b_dMl = tl.load(dL + a_b + o_a, mask=m_w, other=0.)
 
         b_q, b_k, _ = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,
                                    USE_L2NORM)
         b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
-        b_pa, b_pl, b_qr = in_block_terms(b_dMa, b_dMl, b_q * scale, b_k, b_k * b_beta[:, None], b_G, Gc + x_b, i_c,
-                                          seq_len, o_t, i_k * BK, HV, K, BT, BC, BK, LOG_BC, DOT_PREC)
-
+        b_pa, b_qr = in_block_terms(dAqk + a_b, m_far, b_q * scale, b_k, b_G, Gc + x_b, i_c, seq_len, o_t, i_k * BK,
+                                    HV, K, BT, BC, BK, LOG_BC, DOT_PREC)
+        b_pl, b_ql = in_block_terms(dL + a_b, m_far, b_k * b_beta[:, None], b_k, b_G, Gc + x_b, i_c, seq_len, o_t,
+                                    i_k * BK, HV, K, BT, BC, BK, LOG_BC, DOT_PREC)
+        b_qr += b_ql
         # stage 3's outputs are linear in (P_A, P_L, Q): add these terms' share
         p_x, _ = row_tile(dqn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         tl.store(p_x, tl.load(p_x, mask=m, other=0.) + scale * b_pa, mask=m)

@@ -26,7 +26,7 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
     largest such decay is returned last."""
     b_qr = tl.zeros([BT, BK], dtype=tl.float32)
     b_far = 0.
-    for i_s in tl.static_range(0, BT // BC):
+    for i_s in range(0, BT // BC):
         o_s = i_s * BC + tl.arange(0, BC)
         m_s = (i_c * BT + o_s) < seq_len
         m = m_s[:, None] & m_k[None, :]
@@ -86,17 +86,8 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     n_valid = tl.minimum(BT, seq_len - i_c * BT)
     row = bos + i_c * BT                           # first token of the chunk (int64 bases, int32 tiles)
     x_b = row * HV * K + i_hv * K                  # Gc, g, dqn, dkn, dg
-    b_q, b_k, m = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,
-                               USE_L2NORM)
-    p_G, _ = row_tile(Gc + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
-    b_G = tl.load(p_G, mask=m, other=0.)
-    b_gl = tl.load(Gc + ((row + n_valid - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0.)
-    b_eg = tl.exp2(b_G)
-    b_ed = tl.where(m_t[:, None], tl.exp2(tl.minimum(b_gl[None, :] - b_G, 0.)), 0.)
     b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
     a_b = row * HV * BT + i_hv * BT
-    p_a, m_a = row_tile(Tinv + a_b, o_t, m_t, HV * BT, 0, BT, BT)
-    b_Tb = tl.load(p_a, mask=m_a, other=0.) * b_beta[None, :]
 
     # ---- products with the states: dqg = dO S^T, dkd = Vn dS^T, dW = -dVn S^T
     b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
@@ -121,7 +112,22 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
         b_dw -= tl.dot(b_dvn, b_hs, input_precision=DOT_PREC)
         b_dkd += tl.dot(b_vn, tl.trans(b_dh.to(st)), input_precision=DOT_PREC)
         b_dgl += tl.sum(b_h * b_dh, axis=1)
+    p_a, m_a = row_tile(Tinv + a_b, o_t, m_t, HV * BT, 0, BT, BT)
+    b_Tb = tl.load(p_a, mask=m_a, other=0.) * b_beta[None, :]
+    _, b_k, m = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,
+                             USE_L2NORM)
+    p_G, _ = row_tile(Gc + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
+    b_G = tl.load(p_G, mask=m, other=0.)
+    b_gl = tl.load(Gc + ((row + n_valid - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0.)
     b_dkg = tl.dot(tl.trans(b_Tb), b_dw, input_precision=DOT_PREC)
+    # fold the state terms now, so fewer tiles stay live through the decayed products:
+    # dqa = P_A + eg dqg, dkn = beta P_L + Q + (eg dkg + ed dkd), dG = ... + k (eg dkg - ed dkd)
+    b_eg = tl.exp2(b_G)
+    b_ed = tl.where(m_t[:, None], tl.exp2(tl.minimum(b_gl[None, :] - b_G, 0.)), 0.) * b_dkd
+    b_dgl = b_dgl * tl.exp2(b_gl) + tl.sum(b_k * b_ed, axis=0)
+    b_sq = b_eg * b_dqg
+    b_sk = b_eg * b_dkg + b_ed
+    b_sg = b_eg * b_dkg - b_ed
 
     # ---- through the decayed products Aqk and L (the left-factor terms pass through dqn / dkn as scratch)
     p_dq = dqn + x_b + i_k * BK
@@ -130,8 +136,8 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
                                           row, bos, i_c, seq_len, i_h, i_hv, scale, o_t, i_k * BK, o_k, m_k,
                                           H, HV, K, BT, BC, BK, USE_L2NORM, USE_SIGMOID, DOT_PREC)
     tl.debug_barrier()  # every thread has read its scratch before the final values overwrite it
-    b_dqa = b_pa + b_eg * b_dqg
-    b_dkn = b_beta[:, None] * b_pl + b_qr + b_eg * b_dkg + b_ed * b_dkd
+    b_dqa = b_pa + b_sq
+    b_dkn = b_beta[:, None] * b_pl + b_qr + b_sk
     p_x, _ = row_tile(dqn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
     tl.store(p_x, scale * b_dqa, mask=m)
     p_x, _ = row_tile(dkn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
@@ -140,9 +146,9 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     tl.store(far + (i_t * HV + i_hv) * NK + i_k, (b_far > DIAG_RANGE).to(tl.int8))
 
     # ---- gradient of the cumulative decay G (natural-log units), then g = reverse cumsum within the chunk
-    b_kd = b_k * b_ed
-    b_dG = scale * b_q * b_dqa + b_beta[:, None] * b_k * b_pl - b_k * b_qr + b_k * b_eg * b_dkg - b_kd * b_dkd
-    b_dgl = b_dgl * tl.exp2(b_gl) + tl.sum(b_kd * b_dkd, axis=0)
+    b_q, _, _ = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,
+                             USE_L2NORM)         # loaded again here: one tile fewer live through the products above
+    b_dG = scale * b_q * b_dqa + b_k * (b_beta[:, None] * b_pl - b_qr + b_sg)
     b_dG += tl.where((o_t == n_valid - 1)[:, None], b_dgl[None, :], 0.)
     b_dG = tl.where(m, b_dG, 0.)
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG

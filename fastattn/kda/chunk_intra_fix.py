@@ -45,7 +45,7 @@ def kda_intra_fix_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens
             p_x, m = row_tile(G_b, o_t, m_t, HV * K, i_k * BK, K, BK)
             b_G = tl.load(p_x, mask=m, other=0.)
             b_dd += tl.sum(b_q * b_k, axis=1)
-            for i_l in tl.static_range(LOG_BC):
+            for i_l in range(LOG_BC):
                 b = BC >> (i_l + 1)
                 o_a = (o_t // (2 * b)) * (2 * b) + b
                 p_x, m_a = row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, i_k * BK, K, BK)

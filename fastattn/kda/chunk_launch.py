@@ -120,7 +120,7 @@ def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions
     launch(kda_wy_fwd_kernel, (NT, HV),
         q, k, v, beta, Gc, T_or_L, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
         kg if kg is not None else w, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 64), BV=BV,
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=min(BK, 32), BV=BV,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, INVERT=invert, SAVE_T=save,
         STORE_U=u is not None, STORE_KG=kg is not None, DOT_PREC=prec, INV_PREC=_inverse_precision(q.dtype),
         **WY_LAUNCH)
