@@ -31,10 +31,12 @@ STATE_BWD_LAUNCH = dict(num_warps=4, num_stages=2)
 # fp32 intermediates (fp16/fp32 inputs) double the staged tiles: 2 stages need 288 KB of shared memory at K = V = 128
 # (ptxas sm_90a, triton 3.6; Hopper has 227 KB), 1 stage 160 KB
 STATE_BWD_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)
-DV_BWD_LAUNCH = dict(num_warps=8, num_stages=1)
+# dv stage: V tile 32 at 4 warps, two programs per SM (112 KB of shared memory each; the 64 tile needs 144 KB):
+# fwd+bwd B8 T4096 8.92 -> 8.70 ms mode A, 15.23 -> 15.01 ms mode B (H200; 8 warps capped at 128 registers: 9.55)
+DV_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 INTRA_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 FINISH_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
-DV_BWD_TILE = 64
+DV_BWD_TILE = 32
 # Above this head dim 64-row chunks overflow Hopper's 227 KB of shared memory in the backward (K = 256, ptxas
 # sm_90a, triton 3.6: reverse state pass 270 KB, dv stage 229 KB): such heads run with 32-row chunks.
 WIDE_HEAD = 128
