@@ -24,6 +24,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_hash(root: Optional[str] = None) -> str:
+    """First 10 hex digits of the sha1 over fastattn's Python sources (path and bytes, sorted by path): names the
+    code that ran even where the checkout's git metadata is stale or the tree is dirty (a copied working tree)."""
+    import hashlib
+    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fastattn")
+    h = hashlib.sha1()
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                h.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:10]
+
+
 def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> Dict[str, float]:
     """do_bench median and 20/80 % quantiles in ms (fn is called once more first, untimed)."""
     import triton.testing
@@ -48,7 +64,7 @@ class Results:
         if out:
             os.makedirs(out, exist_ok=True)
             self.path = os.path.join(out, f"{name}.jsonl")
-        self.meta = {"device": device_line(), "commit": git_commit(),
+        self.meta = {"device": device_line(), "commit": git_commit(), "source": source_hash(),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def add(self, **row) -> dict:

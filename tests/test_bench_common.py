@@ -1,0 +1,34 @@
+"""bench/_common.source_hash: names the sources that ran, whatever the checkout's git metadata says."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_source_hash_follows_python_sources_only(tmp_path):
+    c = _common()
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    first = c.source_hash(str(tmp_path))
+    assert len(first) == 10 and int(first, 16) >= 0
+    assert c.source_hash(str(tmp_path)) == first
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert c.source_hash(str(tmp_path)) == first
+    (tmp_path / "pkg" / "a.py").write_text("x = 3\n")
+    changed = c.source_hash(str(tmp_path))
+    assert changed != first
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "c.py")    # same bytes, another path
+    assert c.source_hash(str(tmp_path)) != changed
+
+
+def test_source_hash_of_the_package():
+    c = _common()
+    assert c.source_hash() == c.source_hash(str(ROOT / "fastattn"))
