@@ -1,15 +1,13 @@
 """bench/_common.source_hash: names the sources that ran, whatever the checkout's git metadata says."""
-import importlib.util
 from pathlib import Path
+
+from conftest import load_bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "_common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("_common")
 
 
 def test_source_hash_follows_python_sources_only(tmp_path):

@@ -1,20 +1,17 @@
 """bench/ttft.py: argument parsing, the no-GPU refusal of long contexts, and a tiny end-to-end run."""
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ttft():
-    spec = importlib.util.spec_from_file_location("ttft_bench", ROOT / "bench" / "ttft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("ttft")
 
 
 def test_parse_ctx(ttft):
