@@ -1,12 +1,9 @@
 """bench/ttft.py: argument parsing, the no-GPU refusal of long contexts, and a tiny end-to-end run."""
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 from conftest import load_bench_module
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
