@@ -27,6 +27,18 @@ H, K = 16, 128
 MAX_REL_VS_FLA = 2e-2  # both bf16: each is ~2-5e-3 from the float64 oracle
 
 
+def use_autotune_cache(path):
+    """Keep Triton's autotune results (fla's chosen configs with their timings) under `path` and reuse them: a
+    later process, or a later device call that carries the folder, skips fla's autotune (~2.5 min per shape on an
+    H200). The configs were still picked by timing on the card model they run on, so fla's times stay its tuned
+    ones. Must run before fla is imported (its autotuners read the setting when they are built). Returns the
+    number of cached results found."""
+    os.makedirs(path, exist_ok=True)
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+    os.environ["TRITON_CACHE_DIR"] = os.path.abspath(path)
+    return sum(f.endswith(".autotune.json") for _, _, files in os.walk(path) for f in files)
+
+
 def load_fla():
     os.environ.setdefault("FLA_FLASH_KDA", "0")  # never let fla dispatch to another backend
     try:
@@ -126,6 +138,8 @@ def run_kda(args):
     """Entry of ``bench/kernels.py --op kda``."""
     res = Results(args.out, "kda")
     print(device_line(), flush=True)
+    if args.autotune_cache:
+        print(f"autotune cache {args.autotune_cache}: {use_autotune_cache(args.autotune_cache)} results found")
     fla = load_fla() if args.baseline == "fla" else None
     wanted = [c for c in args.case.split(",") if c]
     shapes = SHAPES[:1] if args.quick else SHAPES

@@ -293,6 +293,8 @@ def main():
     p.add_argument("--case", default="", help="only cases whose name contains one of these (comma-separated); kda: "
                    "B8-T4096, B2-T16384, B1-T65536, varlen-6, varlen-8x1024, first-call (the fresh-process compile "
                    "time, else measured on full runs only)")
+    p.add_argument("--autotune-cache", default="", metavar="DIR",
+                   help="kda: keep and reuse Triton autotune results (fla's) in DIR, e.g. carried between device calls")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args()
     if not torch.cuda.is_available():
