@@ -29,15 +29,10 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
     for i_s in range(0, BT // BC):
         o_s = i_s * BC + tl.arange(0, BC)
         m_s = (i_c * BT + o_s) < seq_len
-        m = m_s[:, None] & m_k[None, :]
         tok_s = row + o_s
-        p_x, _ = row_tile(q + row * H * K + i_h * K, o_s, m_s, H * K, c0, K, BK)
-        b_qs = tl.load(p_x, mask=m, other=0.).to(tl.float32) * scale
-        p_x, _ = row_tile(k + row * H * K + i_h * K, o_s, m_s, H * K, c0, K, BK)
-        b_ks = tl.load(p_x, mask=m, other=0.).to(tl.float32)
-        if USE_L2NORM:
-            b_qs = b_qs * tl.load(rstd_q + tok_s * HV + i_hv, mask=m_s, other=0.)[:, None]
-            b_ks = b_ks * tl.load(rstd_k + tok_s * HV + i_hv, mask=m_s, other=0.)[:, None]
+        b_qs, b_ks, m = load_qk_tile(q, k, rstd_q, rstd_k, row, tok_s, m_s, o_s, i_h, i_hv, c0, H, HV, K, BK,
+                                     USE_L2NORM)
+        b_qs = b_qs * scale
         b_ks = b_ks * load_beta(beta, tok_s, m_s, i_hv, HV, USE_SIGMOID)[:, None]
         p_x, _ = row_tile(Gc + row * HV * K + i_hv * K, o_s, m_s, HV * K, c0, K, BK)
         b_Gs = tl.load(p_x, mask=m, other=0.)

@@ -23,7 +23,7 @@ SUB_CHUNK = 16
 # 1b 1.26 -> 0.72 ms at B8 T4096); the state pass software-pipelines its loads two deep.
 INTRA_LAUNCH = dict(num_warps=4, num_stages=1)
 INTRA_BK = 32       # K tile of stage 1a
-INTRA_FIX_LAUNCH = dict(num_warps=4, num_stages=1)  # 8 warps: 17.18 vs 17.09 ms fwd+bwd B8 T4096 mode B (H200)
+INTRA_FIX_LAUNCH = dict(num_warps=4, num_stages=1)  # 8 warps: 17.72 vs 15.49 ms fwd+bwd B8 T4096 mode B (H200, v6)
 WY_LAUNCH = dict(num_warps=4, num_stages=1)
 STATE_FWD_LAUNCH = dict(num_warps=4, num_stages=2)
 # backward stages: state pass, dv / dAqk / dL per chunk, per-channel gradients per K tile, row-wise finish
