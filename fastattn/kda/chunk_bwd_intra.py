@@ -2,8 +2,8 @@
 
 dqg = dO S^T, dkd = Vn dS^T, dW = -dVn S^T, dkg = Tb^T dW; through Aqk and L (dAqk, dL of stage 2, anchored
 sub-blocks) to q, k and G; g by a reverse cumsum, then the gate backward. Grid (chunks, HV, K tiles).
-Reads q, k, g, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL. Writes dq, dk before the l2norm backward
-(fp32, per value head), dg, dbias and K-tile partials of dbeta and dA_log (finished by stage 4).
+Reads q, k, g, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL, and where stage 3-fix flagged the tile (far) its
+terms in dqn / dkn / qfix. Writes dq, dk before the l2norm backward (fp32), dg, dbias, partials of dbeta and dA_log.
 """
 import triton
 import triton.language as tl
@@ -13,7 +13,7 @@ from .chunk_intra import DIAG_RANGE
 
 
 @triton.jit
-def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k, b_G, a_b, row, bos, i_c,
+def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, fixed, b_k, b_G, a_b, row, bos, i_c,
                        seq_len, i_h, i_hv, scale, o_t, c0, o_k, m_k, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr,
                        USE_SIGMOID: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -22,10 +22,9 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
     Q = dMa^T (scale q e) + dMl^T (beta k e) (right factors, returned).
     One pass per row sub-block s, every factor anchored at row a = s*BC-1 (row 0 for s = 0): the row side
     2^(G_i - G_a) <= 1, the column side 2^(G_a - G_j) <= 1 left of the block and <= 2^DIAG_RANGE inside it;
-    rows whose decay since the anchor exceeds that leave their in-block pairs to kda_intra_fix_bwd_kernel; the
-    largest such decay is returned last."""
+    rows whose decay since the anchor exceeds that leave their in-block pairs to kda_intra_fix_bwd_kernel, which
+    ran first: when it flagged this tile (`fixed`), the scratch tiles already hold its P_A / P_L and are added to."""
     b_qr = tl.zeros([BT, BK], dtype=tl.float32)
-    b_far = 0.
     for i_s in range(0, BT // BC):
         o_s = i_s * BC + tl.arange(0, BC)
         m_s = (i_c * BT + o_s) < seq_len
@@ -40,7 +39,6 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
         b_ga = tl.load(Gc + (row + a_s) * HV * K + i_hv * K + o_k, mask=m_k & (o_k * 0 + i_c * BT + a_s < seq_len),
                        other=0.)
         b_rng = tl.max(tl.where(m, b_ga[None, :] - b_Gs, 0.), axis=1)
-        b_far = tl.maximum(b_far, tl.max(b_rng, axis=0))
         m_keep = m_s[:, None] & ((o_t < i_s * BC)[None, :] | (b_rng <= DIAG_RANGE)[:, None])
         p_a, _ = row_tile(dAqk + a_b, o_s, m_s, HV * BT, 0, BT, BT)
         b_da = tl.load(p_a, mask=m_keep, other=0.)
@@ -49,10 +47,14 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
         b_ea = tl.exp2(tl.minimum(b_Gs - b_ga[None, :], 0.))
         b_eb = tl.exp2(tl.minimum(b_ga[None, :] - b_G, DIAG_RANGE))
         b_keb = b_k * b_eb
-        tl.store(p_pa + (o_s[:, None] * (HV * K) + tl.arange(0, BK)[None, :]),
-                 b_ea * tl.dot(b_da, b_keb, input_precision=DOT_PREC), mask=m)
-        tl.store(p_pl + (o_s[:, None] * (HV * K) + tl.arange(0, BK)[None, :]),
-                 b_ea * tl.dot(b_dl, b_keb, input_precision=DOT_PREC), mask=m)
+        o_x = o_s[:, None] * (HV * K) + tl.arange(0, BK)[None, :]
+        b_xa = b_ea * tl.dot(b_da, b_keb, input_precision=DOT_PREC)
+        b_xl = b_ea * tl.dot(b_dl, b_keb, input_precision=DOT_PREC)
+        if fixed:
+            b_xa += tl.load(p_pa + o_x, mask=m, other=0.)
+            b_xl += tl.load(p_pl + o_x, mask=m, other=0.)
+        tl.store(p_pa + o_x, b_xa, mask=m)
+        tl.store(p_pl + o_x, b_xl, mask=m)
         b_qr += b_eb * (
             tl.dot(tl.trans(b_da), b_qs * b_ea, input_precision=DOT_PREC)
             + tl.dot(tl.trans(b_dl), b_ks * b_ea, input_precision=DOT_PREC))
@@ -60,12 +62,13 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, b_k
     m_all = ((i_c * BT + o_t) < seq_len)[:, None] & m_k[None, :]
     b_pa = tl.load(p_pa + (o_t[:, None] * (HV * K) + tl.arange(0, BK)[None, :]), mask=m_all, other=0.)
     b_pl = tl.load(p_pl + (o_t[:, None] * (HV * K) + tl.arange(0, BK)[None, :]), mask=m_all, other=0.)
-    return b_pa, b_pl, b_qr, b_far
+    return b_pa, b_pl, b_qr
 
 
 @triton.jit(do_not_specialize=["T"])
 def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k, h, dh, do, vn, dvn, dAqk, dL,
-                         dqn, dkn, dg, dbeta, dA, dbias, far, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
+                         dqn, dkn, dg, dbeta, dA, dbias, far, qfix, cu_seqlens, chunk_indices, chunk_offsets, scale,
+                         T,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                          USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, USE_GATE: tl.constexpr,
@@ -127,9 +130,13 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     # ---- through the decayed products Aqk and L (the left-factor terms pass through dqn / dkn as scratch)
     p_dq = dqn + x_b + i_k * BK
     p_dk = dkn + x_b + i_k * BK
-    b_pa, b_pl, b_qr, b_far = decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_dq, p_dk, b_k, b_G, a_b,
-                                          row, bos, i_c, seq_len, i_h, i_hv, scale, o_t, i_k * BK, o_k, m_k,
+    fixed = tl.load(far + (i_t * HV + i_hv) * NK + i_k) != 0     # stage 3-fix wrote this tile's in-strip terms
+    b_pa, b_pl, b_qr = decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_dq, p_dk, fixed, b_k, b_G,
+                                          a_b, row, bos, i_c, seq_len, i_h, i_hv, scale, o_t, i_k * BK, o_k, m_k,
                                           H, HV, K, BT, BC, BK, USE_L2NORM, USE_SIGMOID, DOT_PREC)
+    if fixed:
+        p_x, _ = row_tile(qfix + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
+        b_qr += tl.load(p_x, mask=m, other=0.)
     tl.debug_barrier()  # every thread has read its scratch before the final values overwrite it
     b_dqa = b_pa + b_sq
     b_dkn = b_beta[:, None] * b_pl + b_qr + b_sk
@@ -138,7 +145,6 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     p_x, _ = row_tile(dkn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
     tl.store(p_x, b_dkn, mask=m)
     tl.store(dbeta + (tok * HV + i_hv) * NK + i_k, tl.sum(b_k * b_pl, axis=1), mask=m_t)
-    tl.store(far + (i_t * HV + i_hv) * NK + i_k, (b_far > DIAG_RANGE).to(tl.int8))
 
     # ---- gradient of the cumulative decay G (natural-log units), then g = reverse cumsum within the chunk
     b_q, _, _ = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,

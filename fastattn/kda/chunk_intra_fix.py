@@ -34,9 +34,13 @@ def kda_intra_fix_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens
             b_rng = tl.maximum(b_rng, tl.max(tl.where(m, b_ga - b_G, 0.), axis=1))
         m_far = (b_rng > DIAG_RANGE) & m_t
 
-        b_Aq = tl.zeros([BT, BT], dtype=tl.float32)
-        b_Ak = tl.zeros([BT, BT], dtype=tl.float32)
+        # the strips' [BC, BC] diagonal blocks as one batch: [NS, BC, BC] products instead of masked [BT, BT] ones
+        NS: tl.constexpr = BT // BC
+        o_r = tl.arange(0, BC)
+        b_Aq = tl.zeros([NS, BC, BC], dtype=tl.float32)
+        b_Ak = tl.zeros([NS, BC, BC], dtype=tl.float32)
         b_dd = tl.zeros([BT], dtype=tl.float32)
+        m_far3 = tl.reshape(m_far, [NS, BC])[:, :, None]
         for i_k in range(NK):
             p_x, m = row_tile(q_b, o_t, m_t, H * K, i_k * BK, K, BK)
             b_q = tl.load(p_x, mask=m, other=0.).to(tl.float32)
@@ -52,21 +56,26 @@ def kda_intra_fix_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens
                 b_Ga = tl.load(p_x, mask=m_a, other=0.)
                 up = ((o_t % (2 * b)) >= b)[:, None]
                 b_e = tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.))
-                b_kc = tl.trans(tl.where(up | ~m_a, 0., b_k * b_e))
-                m_blk = ((o_t // (2 * b))[:, None] == (o_t // (2 * b))[None, :]) & m_far[:, None]
-                b_Aq += tl.where(m_blk, tl.dot(tl.where(up, b_q * b_e, 0.), b_kc, input_precision=DOT_PREC), 0.)
-                b_Ak += tl.where(m_blk, tl.dot(tl.where(up, b_k * b_e, 0.), b_kc, input_precision=DOT_PREC), 0.)
+                b_kc = tl.permute(tl.reshape(tl.where(up | ~m_a, 0., b_k * b_e), [NS, BC, BK]), (0, 2, 1))
+                m_blk = ((o_r // (2 * b))[None, :, None] == (o_r // (2 * b))[None, None, :]) & m_far3
+                b_x = tl.reshape(tl.where(up, b_q * b_e, 0.), [NS, BC, BK])
+                b_Aq += tl.where(m_blk, tl.dot(b_x, b_kc, input_precision=DOT_PREC), 0.)
+                b_x = tl.reshape(tl.where(up, b_k * b_e, 0.), [NS, BC, BK])
+                b_Ak += tl.where(m_blk, tl.dot(b_x, b_kc, input_precision=DOT_PREC), 0.)
 
         b_rq, b_rk = load_rstd(rstd_q, rstd_k, tok, m_t, i_hv, HV, BT, USE_L2NORM)
         b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
-        m_eq = o_t[:, None] == o_t[None, :]
-        m_w = m_far[:, None] & m_t[None, :] & ((o_t // BC)[:, None] == (o_t // BC)[None, :])
-        m_q = m_w & (o_t[:, None] >= o_t[None, :])
-        m_l = m_w & (o_t[:, None] > o_t[None, :])
-        b_Aq = tl.where(m_eq, b_dd[:, None], b_Aq) * scale * b_rq[:, None] * b_rk[None, :]
-        b_Ak = b_Ak * (b_beta * b_rk)[:, None] * b_rk[None, :]
+        b_rq = tl.reshape(b_rq, [NS, BC])
+        b_rk = tl.reshape(b_rk, [NS, BC])
+        b_bk = tl.reshape(b_beta, [NS, BC]) * b_rk
+        o_r3 = o_r[None, :, None]
+        o_c3 = o_r[None, None, :]
+        b_Aq = tl.where(o_r3 == o_c3, tl.reshape(b_dd, [NS, BC])[:, :, None], b_Aq)
+        b_Aq = b_Aq * scale * b_rq[:, :, None] * b_rk[:, None, :]
+        b_Ak = b_Ak * b_bk[:, :, None] * b_rk[:, None, :]
+        o_s3 = tl.arange(0, NS)[:, None, None] * BC
+        o_x = (o_s3 + o_r3) * (HV * BT) + o_s3 + o_c3             # each strip's diagonal block
+        m_x = m_far3 & (tl.reshape(m_t, [NS, BC])[:, :, None])
         a_off = row * HV * BT + i_hv * BT
-        p_a, m_a = row_tile(Aqk + a_off, o_t, m_t, HV * BT, 0, BT, BT)
-        tl.store(p_a, b_Aq, mask=m_a & m_q)
-        p_a, m_a = row_tile(L + a_off, o_t, m_t, HV * BT, 0, BT, BT)
-        tl.store(p_a, b_Ak, mask=m_a & m_l)
+        tl.store(Aqk + a_off + o_x, b_Aq, mask=m_x & (o_r3 >= o_c3))
+        tl.store(L + a_off + o_x, b_Ak, mask=m_x & (o_r3 > o_c3))

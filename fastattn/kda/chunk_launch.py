@@ -35,6 +35,7 @@ STATE_BWD_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)
 # fwd+bwd B8 T4096 8.92 -> 8.70 ms mode A, 15.23 -> 15.01 ms mode B (H200; 8 warps capped at 128 registers: 9.55)
 DV_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 INTRA_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
+FIX_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 FINISH_BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 DV_BWD_TILE = 32
 # Above this head dim 64-row chunks overflow Hopper's 227 KB of shared memory in the backward (K = 256, ptxas
@@ -213,17 +214,20 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     dA = torch.empty(NT, HV, NK, **f32) if A_log is not None else None
     dbias = torch.empty(NT, HV, K, **f32) if dt_bias is not None else None
     far = torch.empty(NT, HV, NK, device=q.device, dtype=torch.int8)
+    # the fix's Q terms: in dg until stage 3 reads them and writes dg over them (same program, same tile), or in a
+    # buffer of their own when dg is not fp32
+    qfix = dg if dg.dtype == torch.float32 else torch.empty(B, T, HV, K, **f32)
+    launch(kda_intra_fix_bwd_kernel, (NT, HV, NK),
+        q, k, beta, Gc, rstd[0], rstd[1], dAqk, dL, far, dqn, dkn, qfix, cu, idx, opts.scale, T,
+        H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKt, NK=NK, USE_L2NORM=opts.use_qk_l2norm,
+        USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **FIX_BWD_LAUNCH)
     launch(kda_intra_bwd_kernel, (NT, HV, NK),
         q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
-        dqn, dkn, dg, dbeta_k, dA, dbias, far, cu, idx, offsets, opts.scale, T,
+        dqn, dkn, dg, dbeta_k, dA, dbias, far, qfix, cu, idx, offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BKt, BV=BV, NK=NK,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
         **_gate_flags(A_log, dt_bias, opts), **INTRA_BWD_LAUNCH)
-    launch(kda_intra_fix_bwd_kernel, (NT, HV, NK),
-        q, k, g, beta, A_log, dt_bias, Gc, rstd[0], rstd[1], dAqk, dL, far, dqn, dkn, dg, dbeta_k, dA, dbias,
-        cu, idx, opts.scale, T, H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKt, NK=NK,
-        USE_L2NORM=opts.use_qk_l2norm,
-        USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **_gate_flags(A_log, dt_bias, opts), **INTRA_FIX_LAUNCH)
+    del qfix
     del vn, dvn, dAqk, dL, dh
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
