@@ -26,7 +26,7 @@ def kda_dv_bwd_kernel(v, kg, kd, Aqk, Tinv, beta, h, dh, do, dv, vn, dvn, dAqk, 
     x_b = row * HV * K + i_hv * K
     a_b = row * HV * BT + i_hv * BT
     p_a, m_a = row_tile(Aqk + a_b, o_t, m_t, HV * BT, 0, BT, BT)
-    b_A = tl.load(p_a, mask=m_a, other=0.)
+    b_A = tl.load(p_a, mask=m_a, other=0.).to(tl.float32)
     p_a, m_a = row_tile(Tinv + a_b, o_t, m_t, HV * BT, 0, BT, BT)
     b_Ti = tl.load(p_a, mask=m_a, other=0.)
     b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)

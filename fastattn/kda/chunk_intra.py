@@ -4,7 +4,7 @@ G = in-chunk cumsum of the (in-kernel) gate, log2 units; e_ijd = 2^(G_id - G_jd)
 L = diag(beta) strict_tril(sum_d k k e) (q, k l2-normalised when asked). One row strip of BC rows at a time, one
 dot per strip and K tile anchored on its first row a: 2^(G_i - G_a) <= 1, 2^(G_a - G_j) <= 1 left of the strip and
 capped at 2^DIAG_RANGE inside it (chunks with rows beyond the cap are flagged in `far`: see chunk_intra_fix.py).
-Grid (chunks, HV). Reads q, k, g, beta. Writes Gc [T, HV, K], Aqk and L [T, HV, BT], rstd_q/k [T, HV], far [NT, HV].
+Grid (chunks, HV). Reads q, k, g, beta. Writes Gc [T, HV, K], Aqk (state_dtype) and L [T, HV, BT], rstd_q/k, far.
 """
 import triton
 import triton.language as tl
@@ -99,7 +99,7 @@ def kda_intra_fwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Aqk, L, rstd_q, rstd
         b_Ak = tl.where(m_valid & (o_r[:, None] > o_t[None, :]), b_Ak * (b_betas * b_rks)[:, None] * b_rk[None, :], 0.)
         a_off = row * HV * BT + i_hv * BT
         p_a, m_a = row_tile(Aqk + a_off, o_r, m_r, HV * BT, 0, BT, BT)
-        tl.store(p_a, b_Aq, mask=m_a)
+        tl.store(p_a, b_Aq.to(Aqk.dtype.element_ty), mask=m_a)
         p_a, m_a = row_tile(L + a_off, o_r, m_r, HV * BT, 0, BT, BT)
         tl.store(p_a, b_Ak, mask=m_a)
     tl.store(far + i_t * HV + i_hv, (b_far > DIAG_RANGE).to(tl.int8))

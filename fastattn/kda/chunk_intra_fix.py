@@ -77,5 +77,5 @@ def kda_intra_fix_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens
         o_x = (o_s3 + o_r3) * (HV * BT) + o_s3 + o_c3             # each strip's diagonal block
         m_x = m_far3 & (tl.reshape(m_t, [NS, BC])[:, :, None])
         a_off = row * HV * BT + i_hv * BT
-        tl.store(Aqk + a_off + o_x, b_Aq, mask=m_x & (o_r3 >= o_c3))
+        tl.store(Aqk + a_off + o_x, b_Aq.to(Aqk.dtype.element_ty), mask=m_x & (o_r3 >= o_c3))
         tl.store(L + a_off + o_x, b_Ak, mask=m_x & (o_r3 > o_c3))

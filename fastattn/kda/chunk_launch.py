@@ -141,7 +141,9 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     N = cu.numel() - 1
     f32 = dict(device=q.device, dtype=torch.float32)
     Gc = torch.empty(B, T, HV, K, **f32)
-    Aqk = torch.empty(B, T, HV, BT, **f32)
+    # A_qk in state_dtype: every product that reads it runs on the 16-bit value (state passes, dv stage), so bf16
+    # storage loses nothing and halves its bytes (written once, read by the forward's V tiles and by the backward)
+    Aqk = torch.empty(B, T, HV, BT, device=q.device, dtype=state_dtype(q.dtype))
     Tinv = torch.empty(B, T, HV, BT, **f32)  # L from stage 1a, (I + L)^-1 after stage 1b when saved
     rstd = torch.empty(2, B, T, HV, **f32) if opts.use_qk_l2norm else torch.empty(2, 1, **f32)
     # the state pass's factors, in the input dtype (fp32 stays fp32)

@@ -45,8 +45,8 @@ def _(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, use_qk
     rstd = q.new_empty(2, B, T, HV, **f32) if use_qk_l2norm else q.new_empty(2, 1, **f32)
     Tinv = q.new_empty(B, T, HV, chunk_size, **f32) if save else q.new_empty(0, **f32)
     h = q.new_empty(NT, HV, K, V, dtype=state_dtype(q.dtype)) if save else q.new_empty(0, **f32)
-    return [v.new_empty(B, T, HV, V), ht, q.new_empty(B, T, HV, K, **f32), q.new_empty(B, T, HV, chunk_size, **f32),
-            Tinv, rstd, h]
+    Aqk = q.new_empty(B, T, HV, chunk_size, dtype=state_dtype(q.dtype))
+    return [v.new_empty(B, T, HV, V), ht, q.new_empty(B, T, HV, K, **f32), Aqk, Tinv, rstd, h]
 
 
 @torch.library.custom_op("fastattn::kda_chunk_bwd", mutates_args=())
