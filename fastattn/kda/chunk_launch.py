@@ -234,7 +234,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dbeta = torch.empty(B, T, HV, device=q.device, dtype=beta.dtype)
-    BR = 32
+    BR = 16
     launch(kda_finish_bwd_kernel, (triton.cdiv(B * T, BR), H),
         q, k, beta, rstd[0], rstd[1], dqn, dkn, dbeta_t, dbeta_k, dq, dk, dbeta, B * T,
         H=H, HV=HV, K=K, BR=BR, BK=BK, NK=NK, USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid,
