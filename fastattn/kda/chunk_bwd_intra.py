@@ -13,7 +13,7 @@ from .chunk_intra import DIAG_RANGE
 
 
 @triton.jit
-def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, fixed, b_k, b_G, a_b, row, bos, i_c,
+def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, fixed, b_k, b_G, a_b, row, i_c,
                        seq_len, i_h, i_hv, scale, o_t, c0, o_k, m_k, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr,
                        USE_SIGMOID: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -132,7 +132,7 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     p_dk = dkn + x_b + i_k * BK
     fixed = tl.load(far + (i_t * HV + i_hv) * NK + i_k) != 0     # stage 3-fix wrote this tile's in-strip terms
     b_pa, b_pl, b_qr = decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_dq, p_dk, fixed, b_k, b_G,
-                                          a_b, row, bos, i_c, seq_len, i_h, i_hv, scale, o_t, i_k * BK, o_k, m_k,
+                                          a_b, row, i_c, seq_len, i_h, i_hv, scale, o_t, i_k * BK, o_k, m_k,
                                           H, HV, K, BT, BC, BK, USE_L2NORM, USE_SIGMOID, DOT_PREC)
     if fixed:
         p_x, _ = row_tile(qfix + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
