@@ -10,6 +10,7 @@ import triton.language as tl
 
 from ._common import chunk_program, load_beta, load_qk_tile, row_tile
 from .chunk_intra import DIAG_RANGE
+from .chunk_intra_fix import level_factor
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -54,11 +55,7 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
         b_qr = b_da[:, None] * b_aq + b_dl[:, None] * b_al
         for i_l in range(LOG_BC):
             b = BC >> (i_l + 1)
-            o_a = (o_t // (2 * b)) * (2 * b) + b
-            p_x, m_a = row_tile(Gc + x_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, i_k * BK, K, BK)
-            b_Ga = tl.load(p_x, mask=m_a, other=0.)
-            up = ((o_t % (2 * b)) >= b)[:, None]
-            b_e = tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.))
+            b_e, up, m_a = level_factor(Gc + x_b, b_G, o_t, b, i_c, seq_len, BT, HV, K, i_k * BK, BK)
             b_rf = tl.where(up, b_e, 0.)
             b_cf = tl.where(up | ~m_a, 0., b_e)
             b_kc = tl.reshape(b_cf * b_k, [NS, BC, BK])

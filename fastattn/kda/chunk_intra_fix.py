@@ -12,6 +12,19 @@ from ._common import chunk_program, load_beta, load_rstd, row_tile
 from .chunk_intra import DIAG_RANGE
 
 
+@triton.jit
+def level_factor(G_b, b_G, o_t, b, i_c, seq_len, BT: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, c0,
+                 BK: tl.constexpr):
+    """Level b of the exact in-strip products (shared with the backward fix): each 2b-row block anchored on its
+    lower half's first row a. Returns e = 2^(G_i - G_a) for the lower-half rows (`up`), 2^(G_a - G_i) for the
+    upper-half ones (both <= 1), `up` [BT, 1] and the anchors' mask m_a."""
+    o_a = (o_t // (2 * b)) * (2 * b) + b
+    p_x, m_a = row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, c0, K, BK)
+    b_Ga = tl.load(p_x, mask=m_a, other=0.)
+    up = ((o_t % (2 * b)) >= b)[:, None]
+    return tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.)), up, m_a
+
+
 @triton.jit(do_not_specialize=["T"])
 def kda_intra_fix_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens, chunk_indices, scale, T,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
@@ -51,11 +64,7 @@ def kda_intra_fix_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, far, cu_seqlens
             b_dd += tl.sum(b_q * b_k, axis=1)
             for i_l in range(LOG_BC):
                 b = BC >> (i_l + 1)
-                o_a = (o_t // (2 * b)) * (2 * b) + b
-                p_x, m_a = row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, i_k * BK, K, BK)
-                b_Ga = tl.load(p_x, mask=m_a, other=0.)
-                up = ((o_t % (2 * b)) >= b)[:, None]
-                b_e = tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.))
+                b_e, up, m_a = level_factor(G_b, b_G, o_t, b, i_c, seq_len, BT, HV, K, i_k * BK, BK)
                 b_kc = tl.permute(tl.reshape(tl.where(up | ~m_a, 0., b_k * b_e), [NS, BC, BK]), (0, 2, 1))
                 m_blk = ((o_r // (2 * b))[None, :, None] == (o_r // (2 * b))[None, None, :]) & m_far3
                 b_x = tl.reshape(tl.where(up, b_q * b_e, 0.), [NS, BC, BK])

@@ -229,8 +229,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BKt, BV=BV, NK=NK,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
         **_gate_flags(A_log, dt_bias, opts), **INTRA_BWD_LAUNCH)
-    del qfix
-    del vn, dvn, dAqk, dL, dh
+    del qfix, vn, dvn, dAqk, dL, dh
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dbeta = torch.empty(B, T, HV, device=q.device, dtype=beta.dtype)
