@@ -53,7 +53,24 @@ def chunk_program(chunk_indices, cu_seqlens, H: tl.constexpr, HV: tl.constexpr, 
     """Prologue of the (chunks, HV)-grid kernels: (i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t), int64.
 
     Program i_t is chunk i_c of sequence i_n; tok are the token ids of its BT rows, m_t marks valid rows."""
-    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    return chunk_of(chunk_indices, cu_seqlens, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), H, HV,
+                    BT)
+
+
+@triton.jit
+def chunk_tile_program(chunk_indices, cu_seqlens, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
+                       NJ: tl.constexpr):
+    """Prologue of the (chunks * NJ, HV)-grid kernels, the NJ tile programs of a chunk adjacent in launch order (they
+    share the chunk's operands in L2): (i_j, then chunk_program's tuple); i_j int32."""
+    i_tj = tl.program_id(0)
+    i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_of(chunk_indices, cu_seqlens, (i_tj // NJ).to(tl.int64),
+                                                              tl.program_id(1).to(tl.int64), H, HV, BT)
+    return i_tj % NJ, i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t
+
+
+@triton.jit
+def chunk_of(chunk_indices, cu_seqlens, i_t, i_hv, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr):
+    """chunk_program's tuple for chunk i_t and value head i_hv (int64)."""
     i_h = i_hv // (HV // H)
     i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
     i_c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int64)
@@ -183,6 +200,13 @@ def row_tile(base, o_t, m_t, stride: tl.constexpr, c0, NCOL: tl.constexpr, BCOL:
     the in-tile offsets stay int32, which keeps the pointer tiles out of extra registers."""
     o_c = c0 + tl.arange(0, BCOL)
     return base + (o_t[:, None] * stride + o_c[None, :]), m_t[:, None] & (o_c < NCOL)[None, :]
+
+
+@triton.jit
+def load_row_tile(base, o_t, m_t, stride: tl.constexpr, c0, NCOL: tl.constexpr, BCOL: tl.constexpr):
+    """row_tile's tile loaded in fp32 (0 outside the mask), and its mask."""
+    p_x, m_x = row_tile(base, o_t, m_t, stride, c0, NCOL, BCOL)
+    return tl.load(p_x, mask=m_x, other=0.).to(tl.float32), m_x
 
 
 @triton.jit

@@ -12,19 +12,36 @@ from .chunk_bwd_fix import kda_intra_fix_bwd_kernel
 from .chunk_bwd_intra import kda_intra_bwd_kernel
 from .chunk_bwd_state import kda_state_bwd_kernel
 from .chunk_fwd import kda_state_fwd_kernel
+from .chunk_gate import kda_gate_cumsum_fwd_kernel
 from .chunk_intra import kda_intra_fwd_kernel
 from .chunk_intra_fix import kda_intra_fix_kernel
 from .chunk_wy import kda_wy_fwd_kernel
+from .chunk_wy_inv import kda_wy_inv_kernel
 from .options import KDAOptions
 
 SUB_CHUNK = 16
 # launch settings of the forward stages, from a sweep on an H200 (triton 3.6, bf16, B8 T4096 and B1 T65536):
 # 4 warps everywhere (two programs per SM hide each other's dependent-product latency: 1a 2.43 -> 1.21 ms,
-# 1b 1.26 -> 0.72 ms at B8 T4096); the state pass software-pipelines its loads two deep.
-INTRA_LAUNCH = dict(num_warps=4, num_stages=1)
+# 1b 1.26 -> 0.72 ms at B8 T4096 as one kernel); the state pass software-pipelines its loads two deep.
+# Stage 1a in two kernels: stage 1a-0 streams the gate cumsum in [BT, GATE_BK] tiles; the products run one program
+# per 16-row strip (4x the programs of a per-chunk kernel, none carrying the gate pass): forward B8 T4096 bf16 on an
+# H200 1.782 -> 1.739 ms (mode A), 2.884 -> 2.723 (mode B); maxnreg 80: 1.719 / 2.746, uncapped 1.795 / 2.793.
+# ptxas sm_90a (triton 3.6, 16-byte aligned arguments): 97 / 126 registers (mode A / B) uncapped, 4 programs per
+# SM; capped at 96 without spills, 5 per SM to overlap the strips' load -> exp2 -> dot chains (the per-chunk
+# kernel: 128 registers, 40 / 76 bytes of spills at 96).
+GATE_LAUNCH = dict(num_warps=4, num_stages=1)
+GATE_BK = 64        # K tile of stage 1a-0
+INTRA_LAUNCH = dict(num_warps=4, num_stages=1, maxnreg=96)
+INTRA_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)   # fp32 inputs: 136 / 160 registers, 288 B of spills at 96
 INTRA_BK = 32       # K tile of stage 1a
 INTRA_FIX_LAUNCH = dict(num_warps=4, num_stages=1)  # 8 warps: 17.72 vs 15.49 ms fwd+bwd B8 T4096 mode B (H200, v6)
+# stage 1b in two kernels: the inversion per (chunk, head) (levels 2-8 as batched [4, 16, 16] products: 96 registers),
+# then one program per K / V tile; tile 32: 146 / 116 registers in modes A / B (3-4 programs per SM), 64: 214 / 231
+# (2 per SM; ptxas sm_90a, triton 3.6, bf16). Forward B8 T4096 on an H200: 1.782 -> 1.682 ms (A), 2.884 -> 2.653 (B);
+# tile 64: 1.848 / 2.872; inversion as plain doubling levels: 1.897 / 2.866. With the split 1a: 1.641 / 2.489 ms.
+WY_INV_LAUNCH = dict(num_warps=4, num_stages=1)
 WY_LAUNCH = dict(num_warps=4, num_stages=1)
+WY_TILE = 32        # K and V tile of stage 1b-ii
 STATE_FWD_LAUNCH = dict(num_warps=4, num_stages=2)
 # backward stages: state pass, dv / dAqk / dL per chunk, per-channel gradients per K tile, row-wise finish
 STATE_BWD_LAUNCH = dict(num_warps=4, num_stages=2)
@@ -114,21 +131,23 @@ def _state_tile(programs: int, V: int, device) -> int:
     return min(bv, max(16, triton.next_power_of_2(V)))
 
 
-def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions, BT: int, invert: bool, save: bool):
+def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions, BT: int, invert: bool):
     """Stage 1b: write outs = (w, u, qg, kd, kg), skipping the None ones (w, qg, kd always present). With
-    `invert`, T_or_L holds L and becomes Tinv when `save`; without it, it already holds Tinv (backward)."""
+    `invert`, T_or_L holds L and becomes Tinv (stage 1b-i); without it, it already holds Tinv (backward)."""
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     w, u, qg, kd, kg = outs
     NT = idx.shape[0]
-    # K tile: 64 for the bf16 forward (1.897 -> 1.857 ms B8 T4096 mode A, 7.61 -> 7.50 ms T64K mode B, H200), else 32:
-    # the backward's recompute measured no faster at 64, and fp16 / fp32 tiles spill more there (ptxas sm_90a)
-    BKw = min(BK, 64 if invert and q.dtype == torch.bfloat16 else 32)
-    launch(kda_wy_fwd_kernel, (NT, HV),
+    if invert:
+        launch(kda_wy_inv_kernel, (NT, HV), T_or_L, cu, idx, T, H=H, HV=HV, BT=BT, BC=min(SUB_CHUNK, BT),
+               INV_PREC=_inverse_precision(q.dtype), **WY_INV_LAUNCH)
+    BKw, BVw = min(BK, WY_TILE), min(BV, WY_TILE)
+    NK = triton.cdiv(K, BKw)
+    NJ = NK + (triton.cdiv(V, BVw) if u is not None else 0)
+    launch(kda_wy_fwd_kernel, (NT * NJ, HV),
         q, k, v, beta, Gc, T_or_L, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
         kg if kg is not None else w, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BKw, BV=BV,
-        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, INVERT=invert, SAVE_T=save,
-        STORE_U=u is not None, STORE_KG=kg is not None, DOT_PREC=prec, INV_PREC=_inverse_precision(q.dtype),
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BKw, BV=BVw, NK=NK, NJ=NJ,
+        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, STORE_KG=kg is not None, DOT_PREC=prec,
         **WY_LAUNCH)
 
 
@@ -151,17 +170,22 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     u = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
     BKi = min(BK, INTRA_BK)
     BC = min(SUB_CHUNK, BT)
-    far = torch.empty(NT, HV, device=q.device, dtype=torch.int8)
-    launch(kda_intra_fwd_kernel, (NT, HV),
-        q, k, g, beta, A_log, dt_bias, Gc, Aqk, Tinv, rstd[0], rstd[1], far, cu, idx, opts.scale, T,
+    NS = BT // BC
+    far = torch.empty(NT, HV, NS, device=q.device, dtype=torch.int8)   # per strip, reduced by the fix
+    BKg = min(BK, GATE_BK)
+    launch(kda_gate_cumsum_fwd_kernel, (NT, HV, triton.cdiv(K, BKg)),
+        g, A_log, dt_bias, Gc, cu, idx, T, H=H, HV=HV, K=K, BT=BT, BK=BKg,
+        **_gate_flags(A_log, dt_bias, opts), **GATE_LAUNCH)
+    launch(kda_intra_fwd_kernel, (NT * NS, HV),
+        q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], far, cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
-        **_gate_flags(A_log, dt_bias, opts), **INTRA_LAUNCH)
+        **(INTRA_LAUNCH_FP32 if q.dtype == torch.float32 else INTRA_LAUNCH))
     launch(kda_intra_fix_kernel, (NT, HV),
         q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], far, cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **INTRA_FIX_LAUNCH)
-    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, u, qg, kd, None), cu, idx, opts, BT, invert=True, save=save)
+    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, u, qg, kd, None), cu, idx, opts, BT, invert=True)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
     h = torch.empty(NT, HV, K, V, device=q.device, dtype=state_dtype(q.dtype)) if save else torch.empty(0, **f32)
     ht = torch.empty(N, HV, K, V, **f32) if opts.output_final_state else None
@@ -185,7 +209,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     f32 = dict(device=q.device, dtype=torch.float32)
     fac = dict(device=q.device, dtype=state_dtype(q.dtype))
     w, qg, kd, kg = (torch.empty(B, T, HV, K, **fac) for _ in range(4))
-    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, None, qg, kd, kg), cu, idx, opts, BT, invert=False, save=False)
+    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, None, qg, kd, kg), cu, idx, opts, BT, invert=False)
 
     dh = torch.empty(NT, HV, K, V, **fac)
     dh0 = torch.empty(N, HV, K, V, **f32) if h0 is not None else None
