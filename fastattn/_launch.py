@@ -12,9 +12,16 @@ miss goes through ``kernel[grid]`` (compiling if needed) and stores what it retu
 The direct path is used only with a Triton whose relaunch interface was verified on a GPU (see
 ``TESTED_TRITON``); elsewhere, under the interpreter, or with ``FASTATTN_FAST_LAUNCH=0`` every call takes the
 ordinary path.
+
+:func:`compile_ahead` turns :func:`launch` into a compile request: inside it, an op's launcher code runs without
+launching anything and every kernel it would launch compiles in a thread pool (Triton's AsyncCompileMode), so the
+first call of a new shape pays for its slowest kernel's compile instead of the sum of them all.
 """
+import contextlib
+import contextvars
 import inspect
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Tuple
 
 import torch
@@ -98,6 +105,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             (num_warps, ...) by keyword (they enter the key by value and type). A constexpr passed by position
             takes the ordinary path.
     """
+    if _AHEAD.get():
+        kernel.warmup(*args, grid=grid, **kwargs)      # a compile request (see compile_ahead), nothing runs
+        return
     if not _ENABLED or torch.compiler.is_compiling():   # a tracer captures kernel[grid] itself
         kernel[grid](*args, **kwargs)
         return
@@ -117,3 +127,45 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 _ENABLED = fast_launch_enabled()
+
+
+_AHEAD = contextvars.ContextVar("fastattn_compile_ahead", default=False)
+
+
+def _has_async_compile() -> bool:
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_AHEAD_OK = os.environ.get("FASTATTN_COMPILE_AHEAD", "1") != "0" and not interpreting() and _has_async_compile()
+
+
+def compile_ahead_available() -> bool:
+    """True when :func:`compile_ahead` can compile in parallel: a Triton with AsyncCompileMode (3.4 on), not the
+    interpreter, ``FASTATTN_COMPILE_AHEAD`` not 0 (read at import), and no tracer running."""
+    return _AHEAD_OK and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def compile_ahead(workers: int = 0):
+    """Inside: :func:`launch` compiles the kernel it is given (``kernel.warmup``) in a pool of `workers` threads
+    (0: min(8, CPUs)) instead of launching it; on exit, waits for every compile and files the kernels in Triton's
+    cache, where the real launches find them. Tensors the launcher code allocates inside are left unwritten.
+
+    Example (GPU; the op's launcher runs twice, once to compile, once to compute)::
+
+        with compile_ahead():
+            chunk_kda_fwd(q, k, v, g, beta, None, None, None, None, opts)
+        o, ht, _ = chunk_kda_fwd(q, k, v, g, beta, None, None, None, None, opts)
+    """
+    from triton.runtime._async_compile import AsyncCompileMode
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool):
+        token = _AHEAD.set(True)
+        try:
+            yield
+        finally:
+            _AHEAD.reset(token)

@@ -3,7 +3,7 @@
 CPU lane: the argument classes (what the cache keys on) and the argument order handed to a compiled kernel.
 Interpreter lane: launch() takes the ordinary path and computes the kernel's result.
 GPU lane: the direct relaunch against torch for every argument class (alignment, special ints, dtypes), and a
-hit after the first call of each class.
+hit after the first call of each class; compile_ahead compiles all of a chunk_kda call's kernels before it runs.
 """
 import os
 
@@ -89,3 +89,68 @@ def test_direct_relaunch_matches_torch_for_every_argument_class():
         run(**case)
     cache = fl._CACHES[id(axpb_kernel)]
     assert len(cache.compiled) == 7   # 8 cases, the last of the second one's class (only a differs)
+
+
+class _RecordingKernel:
+    """Stands in for a @triton.jit kernel: records warmup requests, fails if launched."""
+
+    def __init__(self):
+        self.requests = []
+
+    def warmup(self, *args, grid, **kwargs):
+        from triton.runtime._async_compile import active_mode
+        self.requests.append((args, grid, kwargs, active_mode.get() is not None))
+
+    def __getitem__(self, grid):
+        raise AssertionError("launched inside compile_ahead")
+
+
+@pytest.mark.skipif(not fl._has_async_compile(), reason="Triton without AsyncCompileMode")
+def test_compile_ahead_turns_launches_into_async_compile_requests():
+    kernel = _RecordingKernel()
+    with fl.compile_ahead(workers=1):
+        fl.launch(kernel, (3, 2), 1, 2.0, BLOCK=16, num_warps=2)
+    assert kernel.requests == [((1, 2.0), (3, 2), dict(BLOCK=16, num_warps=2), True)]
+    with pytest.raises(AssertionError, match="launched"):   # outside: an ordinary launch again
+        fl.launch(kernel, (1,), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (GPU lane)")
+def test_first_kda_call_compiles_every_kernel_ahead(monkeypatch):
+    """A configuration no other test uses: every kernel compile of its forward + backward happens in the
+    compile-ahead pass (async mode), none in the real calls; a second call (no pass, cache hits) agrees."""
+    if not fl.compile_ahead_available():
+        pytest.skip("compile-ahead not available")
+    from triton.runtime import _async_compile
+    from triton.runtime.jit import JITFunction
+    import fastattn
+    compiles = []
+    orig = JITFunction._do_compile
+
+    def spy(self, *args, **kwargs):
+        compiles.append((self.fn.__name__, _async_compile.active_mode.get() is not None))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", spy)
+    torch.manual_seed(0)
+    B, T, H, HV, K, V = 1, 83, 1, 3, 40, 24
+    q, k = (torch.randn(B, T, H, K, device="cuda") for _ in range(2))
+    v = torch.randn(B, T, HV, V, device="cuda")
+    g = -torch.rand(B, T, HV, K, device="cuda")
+    beta = torch.rand(B, T, HV, device="cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v, g, beta)]
+
+    def fwd_bwd():
+        o, ht = fastattn.chunk_kda(*leaves, use_qk_l2norm_in_kernel=True, output_final_state=True, chunk_size=32)
+        grads = torch.autograd.grad((o, ht), leaves, (torch.ones_like(o), torch.ones_like(ht)))
+        return [o, ht, *grads]
+
+    first = fwd_bwd()
+    if not compiles:
+        pytest.skip("this configuration's kernels were compiled earlier in this process")
+    assert all(ahead for _, ahead in compiles), compiles
+    monkeypatch.setattr(fl, "_AHEAD_OK", False)
+    again = fwd_bwd()
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
