@@ -166,3 +166,31 @@ def test_int32_cu_seqlens_and_dt_bias_2d():
     o1, _ = fastattn.chunk_kda(**kw)
     o2, _ = fastattn.chunk_kda(**dict(kw, cu_seqlens=kw["cu_seqlens"].int(), dt_bias=kw["dt_bias"].reshape(HV, K)))
     assert torch.equal(o1, o2)
+
+
+def test_cu_seqlens_checked_once_per_tensor_version():
+    """check_cu_seqlens remembers its result per tensor (no host sync on later calls with the same offsets) and
+    validates again after an in-place write or for a new tensor with the same values."""
+    from fastattn._checks import check_cu_seqlens
+    cu = torch.tensor([0, 4, T], dtype=torch.int32)
+    first = check_cu_seqlens(cu, 1, T, torch.device("cpu"))
+    assert first.dtype == torch.int64 and first.tolist() == [0, 4, T]
+    assert check_cu_seqlens(cu, 1, T, torch.device("cpu")) is first
+    cu[1] = T + 1                                      # in place: the cached result must not be trusted
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_cu_seqlens(cu, 1, T, torch.device("cpu"))
+    with pytest.raises(ValueError, match="packed length"):
+        check_cu_seqlens(torch.tensor([0, 4, T]), 1, T + 1, torch.device("cpu"))
+
+
+def test_kda_chunk_layout_follows_cu_seqlens_writes():
+    """The packed chunk layout is rebuilt when the offsets change in place, reused while they do not."""
+    from fastattn.kda.chunk_launch import chunk_layout
+    cu = torch.tensor([0, 70, 100], dtype=torch.int64)
+    a = chunk_layout(1, 100, cu, 64, "cpu")
+    assert a[3] == 3 and a[1].tolist() == [[0, 0], [0, 1], [1, 0]] and a[2].tolist() == [0, 2, 3]
+    assert chunk_layout(1, 100, cu, 64, "cpu")[1] is a[1]
+    cu[1] = 10
+    b = chunk_layout(1, 100, cu, 64, "cpu")
+    assert b[3] == 3 and b[1].tolist() == [[0, 0], [1, 0], [1, 1]] and b[2].tolist() == [0, 1, 3]
+    assert chunk_layout(1, 100, cu, 32, "cpu")[3] == 4

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 import triton
 
+from .._checks import cached_for
 from .._launch import launch
 from .chunk_bwd_dv import kda_dv_bwd_kernel
 from .chunk_bwd_finish import kda_finish_bwd_kernel
@@ -70,6 +71,12 @@ def chunk_layout(B: int, T: int, cu_seqlens: Optional[torch.Tensor], BT: int, de
     [N+1], NT). Equal-length batches are treated as B packed sequences (no host sync)."""
     if cu_seqlens is None:
         return _equal_layout(B, T, BT, torch.device(device))
+    # per cu_seqlens tensor (fastattn._checks.cached_for): one host sync for its first call, none after
+    return cached_for(cu_seqlens, ("kda_chunk_layout", BT, torch.device(device)),
+                      lambda cu: _packed_layout(cu, BT, device))
+
+
+def _packed_layout(cu_seqlens: torch.Tensor, BT: int, device):
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to("cpu")
     nts = [triton.cdiv(int(n), BT) for n in lens]
     idx = torch.tensor([(n, c) for n, nt in enumerate(nts) for c in range(nt)], dtype=torch.int32)
