@@ -84,7 +84,7 @@ def test_chunk_extreme_gates(gate):
                          ids=["one-k-tile", "two-k-tiles-varlen", "wide-head-gva"])
 def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, HV, cu):
     """Decays that cross DIAG_RANGE (chunk_intra.py) inside 16-row sub-blocks: a sub-block's early rows take the
-    anchored product, its later rows the exact fix stages (chunk_intra_fix.py, chunk_bwd_fix.py), in the same
+    anchored product, its later rows the exact paths (chunk_intra.py's column loop, chunk_bwd_fix.py), in the same
     chunk; every row must match the oracle. With K = 64 only the first backward K tile (channels < 32) is flagged,
     the varlen split puts the steep rows in partial chunks, K = 144 runs 32-row chunks with two value heads per head."""
     x, kw = make_case(1, T, 1, HV, K, 16, torch.float32, gate="none", h0=True, cu=cu, seed=7)

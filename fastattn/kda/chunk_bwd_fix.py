@@ -8,9 +8,20 @@ programs write P_A, P_L, Q to dqn, dkn, qfix for stage 3 to add. Grid (chunks, H
 import triton
 import triton.language as tl
 
-from ._common import chunk_program, load_beta, load_qk_tile, row_tile
+from ._common import chunk_program, load_beta, load_qk_tile, load_row_tile, row_tile
 from .chunk_intra import DIAG_RANGE
-from .chunk_intra_fix import level_factor
+
+
+@triton.jit
+def level_factor(G_b, b_G, o_t, b, i_c, seq_len, BT: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, c0,
+                 BK: tl.constexpr):
+    """Level b of the exact in-strip products: each 2b-row block anchored on its
+    lower half's first row a. Returns e = 2^(G_i - G_a) for the lower-half rows (`up`), 2^(G_a - G_i) for the
+    upper-half ones (both <= 1), `up` [BT, 1] and the anchors' mask m_a."""
+    o_a = (o_t // (2 * b)) * (2 * b) + b
+    b_Ga, m_a = load_row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, c0, K, BK)
+    up = ((o_t % (2 * b)) >= b)[:, None]
+    return tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.)), up, m_a
 
 
 @triton.jit(do_not_specialize=["T"])

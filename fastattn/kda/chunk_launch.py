@@ -15,7 +15,6 @@ from .chunk_bwd_state import kda_state_bwd_kernel
 from .chunk_fwd import kda_state_fwd_kernel
 from .chunk_gate import kda_gate_cumsum_fwd_kernel
 from .chunk_intra import kda_intra_fwd_kernel
-from .chunk_intra_fix import kda_intra_fix_kernel
 from .chunk_wy import kda_wy_fwd_kernel
 from .chunk_wy_inv import kda_wy_inv_kernel
 from .options import KDAOptions
@@ -35,7 +34,6 @@ GATE_BK = 64        # K tile of stage 1a-0
 INTRA_LAUNCH = dict(num_warps=4, num_stages=1, maxnreg=96)
 INTRA_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)   # fp32 inputs: 136 / 160 registers, 288 B of spills at 96
 INTRA_BK = 32       # K tile of stage 1a
-INTRA_FIX_LAUNCH = dict(num_warps=4, num_stages=1)  # 8 warps: 17.72 vs 15.49 ms fwd+bwd B8 T4096 mode B (H200, v6)
 # stage 1b in two kernels: the inversion per (chunk, head) (levels 2-8 as batched [4, 16, 16] products: 96 registers),
 # then one program per K / V tile; tile 32: 146 / 116 registers in modes A / B (3-4 programs per SM), 64: 214 / 231
 # (2 per SM; ptxas sm_90a, triton 3.6, bf16). Forward B8 T4096 on an H200: 1.782 -> 1.682 ms (A), 2.884 -> 2.653 (B);
@@ -178,20 +176,15 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     BKi = min(BK, INTRA_BK)
     BC = min(SUB_CHUNK, BT)
     NS = BT // BC
-    far = torch.empty(NT, HV, NS, device=q.device, dtype=torch.int8)   # per strip, reduced by the fix
     BKg = min(BK, GATE_BK)
     launch(kda_gate_cumsum_fwd_kernel, (NT, HV, triton.cdiv(K, BKg)),
         g, A_log, dt_bias, Gc, cu, idx, T, H=H, HV=HV, K=K, BT=BT, BK=BKg,
         **_gate_flags(A_log, dt_bias, opts), **GATE_LAUNCH)
     launch(kda_intra_fwd_kernel, (NT * NS, HV),
-        q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], far, cu, idx, opts.scale, T,
+        q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
         **(INTRA_LAUNCH_FP32 if q.dtype == torch.float32 else INTRA_LAUNCH))
-    launch(kda_intra_fix_kernel, (NT, HV),
-        q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], far, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKi, NK=triton.cdiv(K, BKi),
-        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **INTRA_FIX_LAUNCH)
     _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, u, qg, kd, None), cu, idx, opts, BT, invert=True)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
     h = torch.empty(NT, HV, K, V, device=q.device, dtype=state_dtype(q.dtype)) if save else torch.empty(0, **f32)
