@@ -53,8 +53,8 @@ def chunk_program(chunk_indices, cu_seqlens, H: tl.constexpr, HV: tl.constexpr, 
     """Prologue of the (chunks, HV)-grid kernels: (i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t), int64.
 
     Program i_t is chunk i_c of sequence i_n; tok are the token ids of its BT rows, m_t marks valid rows."""
-    return chunk_of(chunk_indices, cu_seqlens, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), H, HV,
-                    BT)
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    return chunk_of(chunk_indices, cu_seqlens, i_t, i_hv, H, HV, BT)
 
 
 @triton.jit
@@ -124,10 +124,8 @@ def load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, c0, H: tl.
                  K: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr):
     """fp32 q and k tiles [BT, BK] (columns c0 ...) of the chunk starting at token row, l2-normalised when asked
     (rstd of value head i_hv), and their mask."""
-    p_x, m = row_tile(q + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
-    b_q = tl.load(p_x, mask=m, other=0.).to(tl.float32)
-    p_x, m = row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
-    b_k = tl.load(p_x, mask=m, other=0.).to(tl.float32)
+    b_q, m = load_row_tile(q + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
+    b_k, m = load_row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
     if USE_L2NORM:
         b_q = b_q * tl.load(rstd_q + tok * HV + i_hv, mask=m_t, other=0.)[:, None]
         b_k = b_k * tl.load(rstd_k + tok * HV + i_hv, mask=m_t, other=0.)[:, None]

@@ -7,7 +7,7 @@ Reads g (A_log, dt_bias). Writes Gc [T, HV, K] fp32.
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, chunk_program, gate_fwd, load_gate_params, row_tile
+from ._common import LOG2E, chunk_program, gate_fwd, load_gate_params, load_row_tile, row_tile
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -21,8 +21,7 @@ def kda_gate_cumsum_fwd_kernel(g, A_log, dt_bias, Gc, cu_seqlens, chunk_indices,
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     x_b = (bos + i_c * BT) * HV * K + i_hv * K
-    p_x, m = row_tile(g + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
-    b_g = tl.load(p_x, mask=m, other=0.).to(tl.float32)
+    b_g, m = load_row_tile(g + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
     if USE_GATE:
         b_a, b_bias = load_gate_params(A_log, dt_bias, i_hv, o_k, m_k, K, BK, HAS_A, HAS_BIAS)
         b_g = gate_fwd(b_g, b_a, b_bias[None, :], HAS_LB, LB)

@@ -1,11 +1,9 @@
 """Stage 1a of the chunked KDA forward: the decayed products of one row strip of a chunk (Gc from stage 1a-0).
 
-e_ijd = 2^(Gc_id - Gc_jd); A_qk = scale tril(sum_d q k e), L = diag(beta) strict_tril(sum_d k k e) (q, k
-l2-normalised when asked), for the BC rows of strip i_s against every column left of it and inside it, one dot per
-K tile anchored on the strip's first row a: 2^(G_i - G_a) <= 1, 2^(G_a - G_j) <= 1 left of the strip and capped at
-2^DIAG_RANGE inside it; a strip with rows beyond the cap recomputes its [BC, BC] diagonal block exactly, one
-column j at a time (e_ijd <= 1). Grid (chunks * strips, HV), a chunk's strips adjacent. Reads q, k, beta, Gc.
-Writes the strip's rows of Aqk (state_dtype) and L [T, HV, BT] and of rstd_q/k.
+e_ijd = 2^(Gc_id - Gc_jd); A_qk = scale tril(sum_d q k e), L = diag(beta) strict_tril(sum_d k k e) (q, k l2-normed
+when asked), strip rows x columns up to the strip's end: one dot per K tile anchored on the strip's first row a
+(2^(G_i - G_a) <= 1, 2^(G_a - G_j) <= 1 left of it, <= 2^DIAG_RANGE inside); past the cap the [BC, BC] diagonal
+block is redone exactly, column by column. Grid (chunks * strips, HV). Reads q, k, beta, Gc; writes Aqk, L rows.
 """
 import triton
 import triton.language as tl

@@ -27,8 +27,8 @@ SUB_CHUNK = 16
 # per 16-row strip (4x the programs of a per-chunk kernel, none carrying the gate pass): forward B8 T4096 bf16 on an
 # H200 1.782 -> 1.739 ms (mode A), 2.884 -> 2.723 (mode B); maxnreg 80: 1.719 / 2.746, uncapped 1.795 / 2.793.
 # ptxas sm_90a (triton 3.6, 16-byte aligned arguments): 97 / 126 registers (mode A / B) uncapped, 4 programs per
-# SM; capped at 96 without spills, 5 per SM to overlap the strips' load -> exp2 -> dot chains (the per-chunk
-# kernel: 128 registers, 40 / 76 bytes of spills at 96).
+# SM; capped at 96 (0 / 4 bytes of spill stores with the exact diagonal loop), 5 per SM to overlap the strips'
+# load -> exp2 -> dot chains (the per-chunk kernel: 128 registers, 40 / 76 bytes of spills at 96).
 GATE_LAUNCH = dict(num_warps=4, num_stages=1)
 GATE_BK = 64        # K tile of stage 1a-0
 INTRA_LAUNCH = dict(num_warps=4, num_stages=1, maxnreg=96)
@@ -168,7 +168,7 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
     # A_qk in state_dtype: every product that reads it runs on the 16-bit value (state passes, dv stage), so bf16
     # storage loses nothing and halves its bytes (written once, read by the forward's V tiles and by the backward)
     Aqk = torch.empty(B, T, HV, BT, device=q.device, dtype=state_dtype(q.dtype))
-    Tinv = torch.empty(B, T, HV, BT, **f32)  # L from stage 1a, (I + L)^-1 after stage 1b when saved
+    Tinv = torch.empty(B, T, HV, BT, **f32)  # L from stage 1a, (I + L)^-1 after stage 1b-i
     rstd = torch.empty(2, B, T, HV, **f32) if opts.use_qk_l2norm else torch.empty(2, 1, **f32)
     # the state pass's factors, in the input dtype (fp32 stays fp32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=q.device, dtype=q.dtype) for _ in range(3))

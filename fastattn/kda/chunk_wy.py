@@ -8,7 +8,7 @@ u [T, HV, V] and kg in the output buffers' dtype.
 import triton
 import triton.language as tl
 
-from ._common import chunk_tile_program, load_beta, load_rstd, row_tile
+from ._common import chunk_tile_program, load_beta, load_rstd, load_row_tile, row_tile
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -29,10 +29,9 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg,
         last = bos + tl.minimum(i_c * BT + BT, seq_len) - 1
         x_b = row * HV * K + i_hv * K
         o_k = c0 + tl.arange(0, BK)
-        p_x, m = row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
-        b_k = tl.load(p_x, mask=m, other=0.).to(tl.float32) * b_rk[:, None]
-        p_x, m = row_tile(Gc + x_b, o_t, m_t, HV * K, c0, K, BK)
-        b_G = tl.load(p_x, mask=m, other=0.)
+        b_k, m = load_row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
+        b_k = b_k * b_rk[:, None]
+        b_G, m = load_row_tile(Gc + x_b, o_t, m_t, HV * K, c0, K, BK)
         b_gl = tl.load(Gc + (last * HV + i_hv) * K + o_k, mask=o_k < K, other=0.)
         b_eg = tl.exp2(b_G)
         b_w = tl.dot(b_Tb, b_k * b_eg, input_precision=DOT_PREC)
@@ -41,8 +40,8 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg,
             tl.store(p_x, (b_k * b_eg).to(kg.dtype.element_ty), mask=m)
         p_x, m = row_tile(kd + x_b, o_t, m_t, HV * K, c0, K, BK)
         tl.store(p_x, (b_k * tl.exp2(tl.minimum(b_gl[None, :] - b_G, 0.))).to(kd.dtype.element_ty), mask=m)
-        p_x, m = row_tile(q + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
-        b_q = tl.load(p_x, mask=m, other=0.).to(tl.float32) * b_rq[:, None]
+        b_q, m = load_row_tile(q + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
+        b_q = b_q * b_rq[:, None]
         p_x, m = row_tile(qg + x_b, o_t, m_t, HV * K, c0, K, BK)
         tl.store(p_x, (b_q * b_eg * scale).to(qg.dtype.element_ty), mask=m)
         p_x, m = row_tile(w + x_b, o_t, m_t, HV * K, c0, K, BK)

@@ -1,10 +1,9 @@
 """Stage 1b-i of the chunked KDA forward: the inverse Tinv = (I + L)^-1 of one chunk.
 
-Recursive block inversion: levels s = 1, 2, 4, 8 on the NS = BT / BC diagonal [BC, BC] blocks as one batch
-[NS, BC, BC] (the first, D = I, needs no product); each later level s = BC, 2 BC, ... doubles the inverted blocks
-by [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], one batched [BT / 2s, s, s] product pair reading the
-inverted blocks back from the output. Grid (chunks, HV). Reads L [T, HV, BT]; writes Tinv over it (the blocks
-above the diagonal [BC, BC] blocks, zero in both, are left as they are).
+Levels s = 1, 2, 4, 8 on the diagonal [BC, BC] blocks as one batch [NS, BC, BC]; each later level s = BC, 2 BC
+doubles the inverted blocks ([[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]) with one batched product pair
+reading them back from the output. Grid (chunks, HV). Reads L [T, HV, BT]; writes Tinv over it (zeros above the
+diagonal blocks left as they are).
 """
 import triton
 import triton.language as tl
