@@ -3,12 +3,12 @@
 Rows whose decay since their anchor (the row before their strip) exceeds 2^DIAG_RANGE: P_A = dMa (k e), P_L = dMl (k e)
 over their in-strip pairs, Q = dMa^T (scale q e) + dMl^T (beta k e), by halves (both factors <= 1; per level a batched
 [NS, BC, BC] product per side and matrix, sharing the level's factors). Writes far per (chunk, HV, K tile); flagged
-programs write P_A, P_L, Q to dqn, dkn, qfix for stage 3 to add. Grid (chunks, HV, K tiles).
+programs write P_A, P_L, Q to dqn, dkn, qfix for stage 3 to add. Grid (chunks * K tiles, HV).
 """
 import triton
 import triton.language as tl
 
-from ._common import chunk_program, load_beta, load_qk_tile, load_row_tile, row_tile
+from ._common import chunk_tile_program, load_beta, load_qk_tile, load_row_tile, row_tile
 from .chunk_intra import DIAG_RANGE
 
 
@@ -30,8 +30,8 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
                              BT: tl.constexpr, BC: tl.constexpr, LOG_BC: tl.constexpr, BK: tl.constexpr,
                              NK: tl.constexpr, USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr,
                              DOT_PREC: tl.constexpr):
-    i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_program(chunk_indices, cu_seqlens, H, HV, BT)
-    i_k = tl.program_id(2)
+    i_k, i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_tile_program(chunk_indices, cu_seqlens, H, HV, BT,
+                                                                                NK)
     o_t = tl.arange(0, BT)
     row = bos + i_c * BT
     x_b = row * HV * K + i_hv * K

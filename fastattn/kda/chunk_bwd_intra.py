@@ -1,14 +1,14 @@
 """Stage 3 of the chunked KDA backward: the per-channel gradients of one chunk, one K tile per program.
 
 dqg = dO S^T, dkd = Vn dS^T, dW = -dVn S^T, dkg = Tb^T dW; through Aqk and L (dAqk, dL of stage 2, anchored
-sub-blocks) to q, k and G; g by a reverse cumsum, then the gate backward. Grid (chunks, HV, K tiles).
+sub-blocks) to q, k and G; g by a reverse cumsum, then the gate backward. Grid (chunks * K tiles, HV).
 Reads q, k, g, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL, and where stage 3-fix flagged the tile (far) its
 terms in dqn / dkn / qfix. Writes dq, dk before the l2norm backward (fp32), dg, dbias, partials of dbeta and dA_log.
 """
 import triton
 import triton.language as tl
 
-from ._common import chunk_program, gate_grad_tile, load_beta, load_qk_tile, row_tile
+from ._common import chunk_tile_program, gate_grad_tile, load_beta, load_qk_tile, row_tile
 from .chunk_intra import DIAG_RANGE
 
 
@@ -74,8 +74,8 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
                          USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, USE_GATE: tl.constexpr,
                          HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr, LB: tl.constexpr,
                          DOT_PREC: tl.constexpr):
-    i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_program(chunk_indices, cu_seqlens, H, HV, BT)
-    i_k = tl.program_id(2)
+    i_k, i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_tile_program(chunk_indices, cu_seqlens, H, HV, BT,
+                                                                                NK)
     i_gc = tl.load(chunk_offsets + i_n).to(tl.int64) + i_c
     st = vn.dtype.element_ty
     o_t = tl.arange(0, BT)

@@ -243,11 +243,11 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     # the fix's Q terms: in dg until stage 3 reads them and writes dg over them (same program, same tile), or in a
     # buffer of their own when dg is not fp32
     qfix = dg if dg.dtype == torch.float32 else torch.empty(B, T, HV, K, **f32)
-    launch(kda_intra_fix_bwd_kernel, (NT, HV, NK),
+    launch(kda_intra_fix_bwd_kernel, (NT * NK, HV),
         q, k, beta, Gc, rstd[0], rstd[1], dAqk, dL, far, dqn, dkn, qfix, cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKt, NK=NK, USE_L2NORM=opts.use_qk_l2norm,
         USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **FIX_BWD_LAUNCH)
-    launch(kda_intra_bwd_kernel, (NT, HV, NK),
+    launch(kda_intra_bwd_kernel, (NT * NK, HV),
         q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
         dqn, dkn, dg, dbeta_k, dA, dbias, far, qfix, cu, idx, offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BKt, BV=BV, NK=NK,
