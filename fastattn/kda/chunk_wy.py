@@ -2,8 +2,8 @@
 
 Tb = Tinv diag(beta); K tile: W = Tb (k 2^G), qg = scale q 2^G, kd = k 2^(G_last - G), kg = k 2^G (STORE_KG);
 V tile: U = Tb v (STORE_U). Grid (chunks * (NK + NV), HV), a chunk's tile programs adjacent (Tinv read once from
-HBM, then from L2). Reads Tinv [T, HV, BT] (stage 1b-i), q, k, v, beta, Gc, rstd; writes w, qg, kd [T, HV, K],
-u [T, HV, V] and kg in the output buffers' dtype.
+HBM, then from L2). Reads Tinv [T, HV, BT] (stage 1b-i; a bf16 copy gives bf16 products), q, k, v, beta, Gc, rstd;
+writes w, qg, kd [T, HV, K], u [T, HV, V] and kg in the output buffers' dtype.
 """
 import triton
 import triton.language as tl
@@ -22,7 +22,8 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg,
     o_t = tl.arange(0, BT)
     row = bos + i_c * BT                           # first token of the chunk (int64 bases, int32 tiles)
     p_a, m_a = row_tile(Tinv + row * HV * BT + i_hv * BT, o_t, m_t, HV * BT, 0, BT, BT)
-    b_Tb = tl.load(p_a, mask=m_a, other=0.) * load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)[None, :]
+    b_Ti = tl.load(p_a, mask=m_a, other=0.)        # 16-bit under bf16 inputs: the products run on 16-bit operands
+    b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)[:, None]
     if i_j < NK:
         c0 = i_j * BK
         b_rq, b_rk = load_rstd(rstd_q, rstd_k, tok, m_t, i_hv, HV, BT, USE_L2NORM)
@@ -34,7 +35,7 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg,
         b_G, m = load_row_tile(Gc + x_b, o_t, m_t, HV * K, c0, K, BK)
         b_gl = tl.load(Gc + (last * HV + i_hv) * K + o_k, mask=o_k < K, other=0.)
         b_eg = tl.exp2(b_G)
-        b_w = tl.dot(b_Tb, b_k * b_eg, input_precision=DOT_PREC)
+        b_w = tl.dot(b_Ti, (b_beta * b_k * b_eg).to(b_Ti.dtype), input_precision=DOT_PREC)
         if STORE_KG:
             p_x, m = row_tile(kg + x_b, o_t, m_t, HV * K, c0, K, BK)
             tl.store(p_x, (b_k * b_eg).to(kg.dtype.element_ty), mask=m)
@@ -49,6 +50,7 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg,
     else:
         # names of their own: the K branch's tiles are [BT, BK], these [BT, BV]
         p_v, m_v = row_tile(v + row * HV * V + i_hv * V, o_t, m_t, HV * V, (i_j - NK) * BV, V, BV)
-        b_u = tl.dot(b_Tb, tl.load(p_v, mask=m_v, other=0.).to(tl.float32), input_precision=DOT_PREC)
+        b_u = tl.dot(b_Ti, (b_beta * tl.load(p_v, mask=m_v, other=0.).to(tl.float32)).to(b_Ti.dtype),
+                     input_precision=DOT_PREC)
         p_v, m_v = row_tile(u + row * HV * V + i_hv * V, o_t, m_t, HV * V, (i_j - NK) * BV, V, BV)
         tl.store(p_v, b_u.to(u.dtype.element_ty), mask=m_v)

@@ -3,7 +3,7 @@
 Levels s = 1, 2, 4, 8 on the diagonal [BC, BC] blocks as one batch [NS, BC, BC]; each later level s = BC, 2 BC
 doubles the inverted blocks ([[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]) with one batched product pair
 reading them back from the output. Grid (chunks, HV). Reads L [T, HV, BT]; writes Tinv over it (zeros above the
-diagonal blocks left as they are).
+diagonal blocks left as they are) and, with CAST_OUT, a copy in Ti's dtype (bf16: stage 1b-ii's operand).
 """
 import triton
 import triton.language as tl
@@ -30,8 +30,8 @@ def double_blocks(p_b, n_r, S: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["T"])
-def kda_wy_inv_kernel(L, cu_seqlens, chunk_indices, T, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
-                      BC: tl.constexpr, INV_PREC: tl.constexpr):
+def kda_wy_inv_kernel(L, Ti, cu_seqlens, chunk_indices, T, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, INV_PREC: tl.constexpr, CAST_OUT: tl.constexpr):
     i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_program(chunk_indices, cu_seqlens, H, HV, BT)
     NS: tl.constexpr = BT // BC
     tl.static_assert(NS <= 4)
@@ -58,3 +58,11 @@ def kda_wy_inv_kernel(L, cu_seqlens, chunk_indices, T, H: tl.constexpr, HV: tl.c
         double_blocks(p_b, n_r, BC, HV, BT, INV_PREC)
     if NS >= 4:
         double_blocks(p_b, n_r, 2 * BC, HV, BT, INV_PREC)
+    if CAST_OUT:
+        # the finished inverse, rounded once into the 16-bit copy every later reader takes
+        tl.debug_barrier()
+        o_t = tl.arange(0, BT)
+        m_o = (o_t < n_r)[:, None] & (o_t[None, :] < BT)
+        o_x = o_t[:, None] * (HV * BT) + o_t[None, :]
+        b_T = tl.load(p_b + o_x, mask=m_o, other=0.)
+        tl.store(Ti + (bos + i_c * BT) * HV * BT + i_hv * BT + o_x, b_T.to(Ti.dtype.element_ty), mask=m_o)
