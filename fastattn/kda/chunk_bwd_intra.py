@@ -1,14 +1,14 @@
 """Stage 3 of the chunked KDA backward: the per-channel gradients of one chunk, one K tile per program.
 
 dqg = dO S^T, dkd = Vn dS^T, dW = -dVn S^T, dkg = Tb^T dW; through Aqk and L (dAqk, dL of stage 2, anchored
-sub-blocks) to q, k and G; g by a reverse cumsum, then the gate backward. Grid (chunks * K tiles, HV).
-Reads q, k, g, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL, and where stage 3-fix flagged the tile (far) its
-terms in dqn / dkn / qfix. Writes dq, dk before the l2norm backward (fp32), dg, dbias, partials of dbeta and dA_log.
+sub-blocks) to q, k and G; dg by a reverse cumsum (the gate backward is stage 4's). Grid (chunks * K tiles, HV).
+Reads q, k, beta, Gc, Tinv, rstd, h, dh, dO, vn, dvn, dAqk, dL, and where stage 3-fix flagged the tile (far) its
+terms in dqn / dkn / qfix. Writes dq, dk before the l2norm backward (fp32), dg, the K-tile partials of dbeta.
 """
 import triton
 import triton.language as tl
 
-from ._common import chunk_tile_program, gate_grad_tile, load_beta, load_qk_tile, row_tile
+from ._common import chunk_tile_program, load_beta, load_qk_tile, row_tile
 from .chunk_intra import DIAG_RANGE
 
 
@@ -66,14 +66,11 @@ def decay_products_bwd(dAqk, dL, q, k, beta, Gc, rstd_q, rstd_k, p_pa, p_pl, fix
 
 
 @triton.jit(do_not_specialize=["T"])
-def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k, h, dh, do, vn, dvn, dAqk, dL,
-                         dqn, dkn, dg, dbeta, dA, dbias, far, qfix, cu_seqlens, chunk_indices, chunk_offsets, scale,
-                         T,
+def kda_intra_bwd_kernel(q, k, beta, Gc, Tinv, rstd_q, rstd_k, h, dh, do, vn, dvn, dAqk, dL, dqn, dkn, dg, dbeta,
+                         far, qfix, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
-                         USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, USE_GATE: tl.constexpr,
-                         HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr, LB: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, DOT_PREC: tl.constexpr):
     i_k, i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_tile_program(chunk_indices, cu_seqlens, H, HV, BT,
                                                                                 NK)
     i_gc = tl.load(chunk_offsets + i_n).to(tl.int64) + i_c
@@ -154,13 +151,4 @@ def kda_intra_bwd_kernel(q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd_q, rstd_k
     b_dG = tl.where(m, b_dG, 0.)
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
     p_x, _ = row_tile(dg + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
-    if USE_GATE:
-        b_dx, b_dal = gate_grad_tile(g, A_log, dt_bias, x_b, o_t, m_t, m, i_hv, o_k, m_k, i_k * BK, b_dg, HV, K, BK,
-                                     HAS_A, HAS_BIAS, HAS_LB, LB)
-        tl.store(p_x, b_dx.to(dg.dtype.element_ty), mask=m)
-        if HAS_A:
-            tl.store(dA + (i_t * HV + i_hv) * NK + i_k, b_dal)
-        if HAS_BIAS:
-            tl.store(dbias + (i_t * HV + i_hv) * K + o_k, tl.sum(b_dx, axis=0), mask=m_k)
-    else:
-        tl.store(p_x, b_dg.to(dg.dtype.element_ty), mask=m)
+    tl.store(p_x, b_dg.to(dg.dtype.element_ty), mask=m)

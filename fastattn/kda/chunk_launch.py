@@ -241,32 +241,35 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     BC = min(SUB_CHUNK, BT)
     dqn, dkn = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
     dg = torch.empty(B, T, HV, K, device=q.device, dtype=g.dtype)
+    # stage 3's dg: the log-decay gradient, which stage 4 takes through the in-kernel gate (fp32 in between)
+    dgl = dg if dg.dtype == torch.float32 or not opts.use_gate else torch.empty(B, T, HV, K, **f32)
     dbeta_k = torch.empty(B, T, HV, NK, **f32)
-    dA = torch.empty(NT, HV, NK, **f32) if A_log is not None else None
-    dbias = torch.empty(NT, HV, K, **f32) if dt_bias is not None else None
     far = torch.empty(NT, HV, NK, device=q.device, dtype=torch.int8)
-    # the fix's Q terms: in dg until stage 3 reads them and writes dg over them (same program, same tile), or in a
-    # buffer of their own when dg is not fp32
-    qfix = dg if dg.dtype == torch.float32 else torch.empty(B, T, HV, K, **f32)
+    # the fix's Q terms: in dgl until stage 3 reads them and writes dgl over them (same program, same tile), or in a
+    # buffer of their own when dgl is not fp32
+    qfix = dgl if dgl.dtype == torch.float32 else torch.empty(B, T, HV, K, **f32)
     launch(kda_intra_fix_bwd_kernel, (NT * NK, HV),
         q, k, beta, Gc, rstd[0], rstd[1], dAqk, dL, far, dqn, dkn, qfix, cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, LOG_BC=BC.bit_length() - 1, BK=BKt, NK=NK, USE_L2NORM=opts.use_qk_l2norm,
         USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **FIX_BWD_LAUNCH)
     launch(kda_intra_bwd_kernel, (NT * NK, HV),
-        q, k, g, beta, A_log, dt_bias, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
-        dqn, dkn, dg, dbeta_k, dA, dbias, far, qfix, cu, idx, offsets, opts.scale, T,
+        q, k, beta, Gc, Tinv, rstd[0], rstd[1], h, dh, do, vn, dvn, dAqk, dL,
+        dqn, dkn, dgl, dbeta_k, far, qfix, cu, idx, offsets, opts.scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BKt, BV=BV, NK=NK,
-        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
-        **_gate_flags(A_log, dt_bias, opts), **INTRA_BWD_LAUNCH)
+        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec, **INTRA_BWD_LAUNCH)
     del qfix, vn, dvn, dAqk, dL, dh
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dbeta = torch.empty(B, T, HV, device=q.device, dtype=beta.dtype)
     BR = 16
-    launch(kda_finish_bwd_kernel, (triton.cdiv(B * T, BR), H),
-        q, k, beta, rstd[0], rstd[1], dqn, dkn, dbeta_t, dbeta_k, dq, dk, dbeta, B * T,
-        H=H, HV=HV, K=K, BR=BR, BK=BK, NK=NK, USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid,
-        **FINISH_BWD_LAUNCH)
-    dA_log = dA.sum((0, 2)) if dA is not None else None
+    NR = triton.cdiv(B * T, BR)
+    # the gate's parameter gradients as per-row-block partials (summed below)
+    dA = torch.empty(NR, HV, **f32) if A_log is not None else None
+    dbias = torch.empty(NR, HV, K, **f32) if dt_bias is not None else None
+    launch(kda_finish_bwd_kernel, (NR, H),
+        q, k, beta, rstd[0], rstd[1], dqn, dkn, dbeta_t, dbeta_k, dq, dk, dbeta, g, A_log, dt_bias, dgl, dg,
+        dA, dbias, B * T, H=H, HV=HV, K=K, BR=BR, BK=BK, NK=NK, USE_L2NORM=opts.use_qk_l2norm,
+        USE_SIGMOID=opts.use_beta_sigmoid, **_gate_flags(A_log, dt_bias, opts), **FINISH_BWD_LAUNCH)
+    dA_log = dA.sum(0) if dA is not None else None
     ddt_bias = dbias.sum(0) if dbias is not None else None
     return dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0
