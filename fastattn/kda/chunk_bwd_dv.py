@@ -26,7 +26,7 @@ def kda_dv_bwd_kernel(v, kg, kd, Aqk, Tinv, beta, h, dh, do, dv, vn, dvn, dAqk, 
     x_b = row * HV * K + i_hv * K
     a_b = row * HV * BT + i_hv * BT
     p_a, m_a = row_tile(Aqk + a_b, o_t, m_t, HV * BT, 0, BT, BT)
-    b_A = tl.load(p_a, mask=m_a, other=0.).to(tl.float32)
+    b_A = tl.load(p_a, mask=m_a, other=0.)     # state_dtype, as dO below: A^T dO a bf16 product under bf16 inputs
     p_a, m_a = row_tile(Tinv + a_b, o_t, m_t, HV * BT, 0, BT, BT)
     b_Ti = tl.load(p_a, mask=m_a, other=0.)
     b_beta = load_beta(beta, tok, m_t, i_hv, HV, USE_SIGMOID)
@@ -47,10 +47,10 @@ def kda_dv_bwd_kernel(v, kg, kd, Aqk, Tinv, beta, h, dh, do, dv, vn, dvn, dAqk, 
         p_v, m_tv = row_tile(v + v_b, o_t, m_t, HV * V, i_v * BV, V, BV)
         b_y = tl.load(p_v, mask=m_tv, other=0.).to(tl.float32) - tl.dot(b_kg, b_h, input_precision=DOT_PREC)
         p_v, m_tv = row_tile(do + v_b, o_t, m_t, HV * V, i_v * BV, V, BV)
-        b_do = tl.load(p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_do = tl.load(p_v, mask=m_tv, other=0.).to(st)
         b_vn = tl.dot(b_Ti, b_beta[:, None] * b_y, input_precision=DOT_PREC)   # Tb Y, Tb = Tinv diag(beta)
         b_dvn = tl.dot(tl.trans(b_A), b_do, input_precision=DOT_PREC) + tl.dot(b_kd, b_dh, input_precision=DOT_PREC)
-        b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PREC)
+        b_dA += tl.dot(b_do.to(tl.float32), tl.trans(b_vn), input_precision=DOT_PREC)
         b_dT += tl.dot(b_dvn, tl.trans(b_y), input_precision=DOT_PREC)
         p_v, _ = row_tile(dv + v_b, o_t, m_t, HV * V, i_v * BV, V, BV)
         b_dv = b_beta[:, None] * tl.dot(tl.trans(b_Ti), b_dvn, input_precision=DOT_PREC)
