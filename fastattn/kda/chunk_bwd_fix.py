@@ -2,14 +2,14 @@
 
 Rows whose decay since their anchor (the row before their strip) exceeds 2^DIAG_RANGE: P_A = dMa (k e), P_L = dMl (k e)
 over their in-strip pairs, Q = dMa^T (scale q e) + dMl^T (beta k e), by halves (both factors <= 1; per level a batched
-[NS, BC, BC] product per side and matrix, sharing the level's factors). Writes far per (chunk, HV, K tile); flagged
-programs write P_A, P_L, Q to dqn, dkn, qfix for stage 3 to add. Grid (chunks * K tiles, HV).
+[NS, BC, BC] product per side and matrix, sharing the level's factors). Tiles flagged in far (by stage 1b's
+recompute) write P_A, P_L, Q to dqn, dkn, qfix for stage 3 to add; the others return. Grid (chunks * K tiles, HV).
 """
 import triton
 import triton.language as tl
 
 from ._common import chunk_tile_program, load_beta, load_qk_tile, load_row_tile, row_tile
-from .chunk_intra import DIAG_RANGE
+from .chunk_intra import far_rows
 
 
 @triton.jit
@@ -32,18 +32,14 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
                              DOT_PREC: tl.constexpr):
     i_k, i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_tile_program(chunk_indices, cu_seqlens, H, HV, BT,
                                                                                 NK)
-    o_t = tl.arange(0, BT)
-    row = bos + i_c * BT
-    x_b = row * HV * K + i_hv * K
-    p_G, m = row_tile(Gc + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
-    b_G = tl.load(p_G, mask=m, other=0.)
-    # the rows stage 3 leaves out: decay since the anchor (row before the strip, row 0 for the first) too large
-    p_x, _ = row_tile(Gc + x_b, (o_t // BC) * BC - 1 + (o_t < BC), m_t, HV * K, i_k * BK, K, BK)
-    b_ga = tl.load(p_x, mask=m, other=0.)
-    m_far = (tl.max(tl.where(m, b_ga - b_G, 0.), axis=1) > DIAG_RANGE) & m_t
-    is_far = tl.max(m_far.to(tl.int32), axis=0) > 0
-    tl.store(far + (i_t * HV + i_hv) * NK + i_k, is_far.to(tl.int8))
-    if is_far:
+    # the tile's flag, from stage 1b's recompute (STORE_FAR): a tile of gentle decays stops here
+    if tl.load(far + (i_t * HV + i_hv) * NK + i_k) != 0:
+        o_t = tl.arange(0, BT)
+        row = bos + i_c * BT
+        x_b = row * HV * K + i_hv * K
+        p_G, m = row_tile(Gc + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
+        b_G = tl.load(p_G, mask=m, other=0.)
+        m_far = far_rows(Gc + x_b, b_G, o_t, m_t, m, i_k * BK, HV, K, BC, BK)
         a_b = row * HV * BT + i_hv * BT
         b_q, b_k, _ = load_qk_tile(q, k, rstd_q, rstd_k, row, tok, m_t, o_t, i_h, i_hv, i_k * BK, H, HV, K, BK,
                                    USE_L2NORM)

@@ -136,9 +136,10 @@ def _state_tile(programs: int, V: int, device) -> int:
     return min(bv, max(16, triton.next_power_of_2(V)))
 
 
-def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions, BT: int, invert: bool):
+def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions, BT: int, invert: bool, far=None):
     """Stage 1b: write outs = (w, u, qg, kd, kg), skipping the None ones (w, qg, kd always present). With
-    `invert`, T_or_L holds L and becomes Tinv (stage 1b-i); without it, it already holds Tinv (backward)."""
+    `invert`, T_or_L holds L and becomes Tinv (stage 1b-i); without it, it already holds Tinv (backward). `far`
+    [NT, HV, NK] int8: also write stage 3-fix's per-tile flags (NK K tiles of WY_TILE, stage 3's tiling)."""
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     w, u, qg, kd, kg = outs
     NT = idx.shape[0]
@@ -155,10 +156,10 @@ def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions
     NJ = NK + (triton.cdiv(V, BVw) if u is not None else 0)
     launch(kda_wy_fwd_kernel, (NT * NJ, HV),
         q, k, v, beta, Gc, T_wy, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
-        kg if kg is not None else w, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BKw, BV=BVw, NK=NK, NJ=NJ,
-        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, STORE_KG=kg is not None, DOT_PREC=prec,
-        **WY_LAUNCH)
+        kg if kg is not None else w, far if far is not None else w, cu, idx, opts.scale, T,
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKw, BV=BVw, NK=NK, NJ=NJ,
+        USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, STORE_KG=kg is not None,
+        STORE_FAR=far is not None, DOT_PREC=prec, **WY_LAUNCH)
 
 
 def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOptions, save: bool = True):
@@ -214,7 +215,10 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
     f32 = dict(device=q.device, dtype=torch.float32)
     fac = dict(device=q.device, dtype=state_dtype(q.dtype))
     w, qg, kd, kg = (torch.empty(B, T, HV, K, **fac) for _ in range(4))
-    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, None, qg, kd, kg), cu, idx, opts, BT, invert=False)
+    BKt = min(BK, WY_TILE)       # K tile of stage 3 and its fix: stage 1b's, which writes their far flags
+    NK = triton.cdiv(K, BKt)
+    far = torch.empty(NT, HV, NK, device=q.device, dtype=torch.int8)
+    _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, None, qg, kd, kg), cu, idx, opts, BT, invert=False, far=far)
 
     dh = torch.empty(NT, HV, K, V, **fac)
     dh0 = torch.empty(N, HV, K, V, **f32) if h0 is not None else None
@@ -236,15 +240,12 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, saved, do, d
         **DV_BWD_LAUNCH)
     del kg, kd
 
-    BKt = min(BK, 32)
-    NK = triton.cdiv(K, BKt)
     BC = min(SUB_CHUNK, BT)
     dqn, dkn = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
     dg = torch.empty(B, T, HV, K, device=q.device, dtype=g.dtype)
     # stage 3's dg: the log-decay gradient, which stage 4 takes through the in-kernel gate (fp32 in between)
     dgl = dg if dg.dtype == torch.float32 or not opts.use_gate else torch.empty(B, T, HV, K, **f32)
     dbeta_k = torch.empty(B, T, HV, NK, **f32)
-    far = torch.empty(NT, HV, NK, device=q.device, dtype=torch.int8)
     # the fix's Q terms: in dgl until stage 3 reads them and writes dgl over them (same program, same tile), or in a
     # buffer of their own when dgl is not fp32
     qfix = dgl if dgl.dtype == torch.float32 else torch.empty(B, T, HV, K, **f32)

@@ -3,20 +3,21 @@
 Tb = Tinv diag(beta); K tile: W = Tb (k 2^G), qg = scale q 2^G, kd = k 2^(G_last - G), kg = k 2^G (STORE_KG);
 V tile: U = Tb v (STORE_U). Grid (chunks * (NK + NV), HV), a chunk's tile programs adjacent (Tinv read once from
 HBM, then from L2). Reads Tinv [T, HV, BT] (stage 1b-i; a bf16 copy gives bf16 products), q, k, v, beta, Gc, rstd;
-writes w, qg, kd [T, HV, K], u [T, HV, V] and kg in the output buffers' dtype.
+writes w, qg, kd [T, HV, K], u [T, HV, V] and kg in the output buffers' dtype (STORE_FAR: far_rows flags).
 """
 import triton
 import triton.language as tl
 
 from ._common import chunk_tile_program, load_beta, load_rstd, load_row_tile, row_tile
+from .chunk_intra import far_rows
 
 
 @triton.jit(do_not_specialize=["T"])
-def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg, cu_seqlens, chunk_indices, scale, T,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr,
+def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg, far, cu_seqlens, chunk_indices,
+                      scale, T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr,
                       USE_L2NORM: tl.constexpr, USE_SIGMOID: tl.constexpr, STORE_KG: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+                      STORE_FAR: tl.constexpr, DOT_PREC: tl.constexpr):
     i_j, i_t, i_n, i_c, i_hv, i_h, bos, seq_len, tok, m_t = chunk_tile_program(chunk_indices, cu_seqlens, H, HV, BT,
                                                                               NJ)
     o_t = tl.arange(0, BT)
@@ -33,6 +34,9 @@ def kda_wy_fwd_kernel(q, k, v, beta, Gc, Tinv, rstd_q, rstd_k, w, u, qg, kd, kg,
         b_k, m = load_row_tile(k + row * H * K + i_h * K, o_t, m_t, H * K, c0, K, BK)
         b_k = b_k * b_rk[:, None]
         b_G, m = load_row_tile(Gc + x_b, o_t, m_t, HV * K, c0, K, BK)
+        if STORE_FAR:   # the backward's stage 3-fix works only on tiles with rows past the anchor cap
+            m_far = far_rows(Gc + x_b, b_G, o_t, m_t, m, c0, HV, K, BC, BK)
+            tl.store(far + (i_t * HV + i_hv) * NK + i_j, (tl.max(m_far.to(tl.int32), axis=0) > 0).to(tl.int8))
         b_gl = tl.load(Gc + (last * HV + i_hv) * K + o_k, mask=o_k < K, other=0.)
         b_eg = tl.exp2(b_G)
         b_w = tl.dot(b_Ti, (b_beta * b_k * b_eg).to(b_Ti.dtype), input_precision=DOT_PREC)
