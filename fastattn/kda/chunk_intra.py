@@ -17,7 +17,6 @@ from ._common import chunk_of, load_beta, load_row_tile, row_tile
 DIAG_RANGE = tl.constexpr(48.0)
 
 
-
 @triton.jit
 def far_rows(G_b, b_G, o_t, m_t, m, c0, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """Rows [BT] of a chunk's [BT, BK] G tile whose decay since their strip's anchor (the row before the strip, row 0
@@ -25,6 +24,7 @@ def far_rows(G_b, b_G, o_t, m_t, m, c0, HV: tl.constexpr, K: tl.constexpr, BC: t
     to stage 3-fix."""
     p_x, _ = row_tile(G_b, (o_t // BC) * BC - 1 + (o_t < BC), m_t, HV * K, c0, K, BK)
     return (tl.max(tl.where(m, tl.load(p_x, mask=m, other=0.) - b_G, 0.), axis=1) > DIAG_RANGE) & m_t
+
 
 @triton.jit(do_not_specialize=["T"])
 def kda_intra_fwd_kernel(q, k, beta, Gc, Aqk, L, rstd_q, rstd_k, cu_seqlens, chunk_indices, scale, T,

@@ -59,7 +59,7 @@ def kda_wy_inv_kernel(L, Ti, cu_seqlens, chunk_indices, T, H: tl.constexpr, HV: 
     if NS >= 4:
         double_blocks(p_b, n_r, 2 * BC, HV, BT, INV_PREC)
     if CAST_OUT:
-        # the finished inverse, rounded once into the 16-bit copy every later reader takes
+        # the finished inverse, rounded once into the 16-bit copy for the forward's stage 1b-ii (backward: fp32)
         tl.debug_barrier()
         o_t = tl.arange(0, BT)
         m_o = (o_t < n_r)[:, None] & (o_t[None, :] < BT)
