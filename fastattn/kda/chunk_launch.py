@@ -143,13 +143,14 @@ def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions
     B, T, H, K, HV, V, BK, BV, prec = _dims(q, v, opts)
     w, u, qg, kd, kg = outs
     NT = idx.shape[0]
+    BC = min(SUB_CHUNK, BT)
     T_wy = T_or_L
     if invert:
         # bf16 inputs: the products of stage 1b-ii read a bf16 copy of Tinv (bf16 tensor-core products, half the
         # bytes); the backward keeps the fp32 one (its products stay tf32)
         cast = state_dtype(q.dtype) != torch.float32
         T_wy = torch.empty(T_or_L.shape, device=q.device, dtype=state_dtype(q.dtype)) if cast else T_or_L
-        launch(kda_wy_inv_kernel, (NT, HV), T_or_L, T_wy, cu, idx, T, H=H, HV=HV, BT=BT, BC=min(SUB_CHUNK, BT),
+        launch(kda_wy_inv_kernel, (NT, HV), T_or_L, T_wy, cu, idx, T, H=H, HV=HV, BT=BT, BC=BC,
                INV_PREC=_inverse_precision(q.dtype), CAST_OUT=cast, **WY_INV_LAUNCH)
     BKw, BVw = min(BK, WY_TILE), min(BV, WY_TILE)
     NK = triton.cdiv(K, BKw)
@@ -157,7 +158,7 @@ def _wy_factors(q, k, v, beta, Gc, T_or_L, rstd, outs, cu, idx, opts: KDAOptions
     launch(kda_wy_fwd_kernel, (NT * NJ, HV),
         q, k, v, beta, Gc, T_wy, rstd[0], rstd[1], w, u if u is not None else w, qg, kd,
         kg if kg is not None else w, far if far is not None else w, cu, idx, opts.scale, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=min(SUB_CHUNK, BT), BK=BKw, BV=BVw, NK=NK, NJ=NJ,
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=BKw, BV=BVw, NK=NK, NJ=NJ,
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, STORE_KG=kg is not None,
         STORE_FAR=far is not None, DOT_PREC=prec, **WY_LAUNCH)
 
