@@ -80,18 +80,23 @@ def test_chunk_extreme_gates(gate):
 
 @pytest.mark.interpret
 @needs_kernels
-@pytest.mark.parametrize("K,T,HV,cu", [(16, 64, 1, None), (64, 100, 1, [0, 37, 100]), (144, 70, 2, None)],
-                         ids=["one-k-tile", "two-k-tiles-varlen", "wide-head-gva"])
-def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, HV, cu):
+@pytest.mark.parametrize("K,T,HV,cu,steep", [(16, 64, 1, None, -0.2), (64, 100, 1, [0, 37, 100], -0.2),
+                                              (144, 70, 2, None, -0.2), (64, 100, 1, [0, 37, 100], -14.0),
+                                              (64, 100, 1, [0, 37, 100], -40.0)],
+                         ids=["one-k-tile", "two-k-tiles-varlen", "wide-head-gva", "centred-halves", "halving-levels"])
+def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, HV, cu, steep):
     """Decays that cross DIAG_RANGE (chunk_intra.py) inside 16-row sub-blocks: a sub-block's early rows take the
     anchored product, its later rows the exact paths (chunk_intra.py's column loop, chunk_bwd_fix.py), in the same
-    chunk; every row must match the oracle. With K = 64 only the first backward K tile (channels < 32) is flagged,
-    the varlen split puts the steep rows in partial chunks, K = 144 runs 32-row chunks with two value heads per head."""
+    chunk; every row must match the oracle. With K = 64 only the first backward K tile (channels < 32) is flagged
+    unless `steep`: log2 decay 20 per step on channels >= 32 puts that tile in the fix's centred-halves tier (a strip
+    spans 300 > CENTER_RANGE, a half 140), 58 per step in its halving levels, while the first tile (4.3 per step)
+    takes the whole-strip centred tier; the varlen split puts the steep rows in partial chunks, K = 144 runs 32-row
+    chunks with two value heads per head."""
     x, kw = make_case(1, T, 1, HV, K, 16, torch.float32, gate="none", h0=True, cu=cu, seed=7)
     with torch.no_grad():  # log2 decay 4.3 per step on even channels: the anchor limit 48 falls at row ~11
         x["g"][..., :32:2] = -3.0
         x["g"][..., 1::2] = -0.05
-        x["g"][..., 32::2] = -0.2
+        x["g"][..., 32::2] = steep
     check_against_oracle(fastattn.chunk_kda, x, kw, torch.float32)
 
 

@@ -1,15 +1,20 @@
 """Stage 3-fix of the chunked KDA backward, run before stage 3: the in-strip terms stage 3 cannot anchor.
 
 Rows whose decay since their anchor (the row before their strip) exceeds 2^DIAG_RANGE: P_A = dMa (k e), P_L = dMl (k e)
-over their in-strip pairs, Q = dMa^T (scale q e) + dMl^T (beta k e), by halves (both factors <= 1; per level a batched
-[NS, BC, BC] product per side and matrix, sharing the level's factors). Tiles flagged in far (by stage 1b's
-recompute) write P_A, P_L, Q to dqn, dkn, qfix for stage 3 to add; the others return. Grid (chunks * K tiles, HV).
+over their in-strip pairs, Q = dMa^T (scale q e) + dMl^T (beta k e), as batched [NS, BC, BC] products, factors centred
+on each strip's (else half's) mid-decay while it spans <= 2^CENTER_RANGE, else by halving levels (factors <= 1). Grid
+(chunks * K tiles, HV); tiles flagged in far (stage 1b) write P_A, P_L, Q to dqn, dkn, qfix, the others return.
 """
 import triton
 import triton.language as tl
 
 from ._common import chunk_tile_program, load_beta, load_qk_tile, load_row_tile, row_tile
 from .chunk_intra import far_rows
+
+# Largest log2 decay across a block of rows that its centred products take: row and column factors within 2^+-112
+# (normal fp32 / tf32 products for q, k entries of magnitude 2^-14 ... 2^16). On the bench's mode-B gate (H200,
+# B8 T4096 bf16) most tiles' strips fit, nearly all halves: fwd+bwd 9.84 -> 9.42 ms against halving levels throughout.
+CENTER_RANGE = tl.constexpr(224.0)
 
 
 @triton.jit
@@ -22,6 +27,33 @@ def level_factor(G_b, b_G, o_t, b, i_c, seq_len, BT: tl.constexpr, HV: tl.conste
     b_Ga, m_a = load_row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, c0, K, BK)
     up = ((o_t % (2 * b)) >= b)[:, None]
     return tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.)), up, m_a
+
+
+@triton.jit
+def block_centres(b_G, m, NB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr):
+    """Blocks of RB rows of the [NB * RB, BK] tile b_G: the widest decay span of any block and channel, and each
+    row's block mid-decay c [NB * RB, BK] (centred factors 2^(G_i - c), 2^(c - G_j) stay within 2^(span / 2))."""
+    b_G3 = tl.reshape(b_G, [NB, RB, BK])
+    m3 = tl.reshape(m, [NB, RB, BK])
+    b_hi = tl.max(tl.where(m3, b_G3, -1e30), axis=1)
+    b_lo = tl.min(tl.where(m3, b_G3, 1e30), axis=1)
+    b_c = tl.reshape(tl.broadcast_to(((b_hi + b_lo) * 0.5)[:, None, :], [NB, RB, BK]), [NB * RB, BK])
+    return tl.max(tl.max(b_hi - b_lo, axis=1), axis=0), b_c
+
+
+@triton.jit
+def pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_blk, b_rf, b_cf, b_k, b_aq, b_al, NS: tl.constexpr,
+                  BC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Add one block set's terms: pairs (i, j) inside the blocks m_blk [1, BC, BC] of every strip, row factors b_rf,
+    column factors b_cf (their product 2^(G_i - G_j) per channel); batched [NS, BC, BC] products."""
+    b_kc = tl.reshape(b_cf * b_k, [NS, BC, BK])
+    b_Mb = tl.where(m_blk, b_Ma, 0.)
+    b_pa += b_rf * tl.reshape(tl.dot(b_Mb, b_kc, input_precision=DOT_PREC), [BT, BK])
+    b_x = tl.dot(tl.permute(b_Mb, (0, 2, 1)), tl.reshape(b_aq * b_rf, [NS, BC, BK]), input_precision=DOT_PREC)
+    b_Mb = tl.where(m_blk, b_Ml, 0.)
+    b_pl += b_rf * tl.reshape(tl.dot(b_Mb, b_kc, input_precision=DOT_PREC), [BT, BK])
+    b_x += tl.dot(tl.permute(b_Mb, (0, 2, 1)), tl.reshape(b_al * b_rf, [NS, BC, BK]), input_precision=DOT_PREC)
+    return b_pa, b_pl, b_qr + b_cf * tl.reshape(b_x, [BT, BK])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -60,22 +92,34 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
         b_pa = b_da[:, None] * b_k
         b_pl = b_dl[:, None] * b_k
         b_qr = b_da[:, None] * b_aq + b_dl[:, None] * b_al
-        for i_l in range(LOG_BC):
-            b = BC >> (i_l + 1)
-            b_e, up, m_a = level_factor(Gc + x_b, b_G, o_t, b, i_c, seq_len, BT, HV, K, i_k * BK, BK)
-            b_rf = tl.where(up, b_e, 0.)
-            b_cf = tl.where(up | ~m_a, 0., b_e)
-            b_kc = tl.reshape(b_cf * b_k, [NS, BC, BK])
-            m_blk = (o_r3 // (2 * b)) == (o_c3 // (2 * b))
-            b_Mb = tl.where(m_blk, b_Ma, 0.)
-            b_pa += b_rf * tl.reshape(tl.dot(b_Mb, b_kc, input_precision=DOT_PREC), [BT, BK])
-            b_Mt = tl.permute(b_Mb, (0, 2, 1))
-            b_x = tl.dot(b_Mt, tl.reshape(b_aq * b_rf, [NS, BC, BK]), input_precision=DOT_PREC)
-            b_Mb = tl.where(m_blk, b_Ml, 0.)
-            b_pl += b_rf * tl.reshape(tl.dot(b_Mb, b_kc, input_precision=DOT_PREC), [BT, BK])
-            b_Mt = tl.permute(b_Mb, (0, 2, 1))
-            b_x += tl.dot(b_Mt, tl.reshape(b_al * b_rf, [NS, BC, BK]), input_precision=DOT_PREC)
-            b_qr += b_cf * tl.reshape(b_x, [BT, BK])
+        # every strip spanning <= 2^CENTER_RANGE: all its pairs by one product, factors centred on its mid-decay
+        span, b_c = block_centres(b_G, m, NS, BC, BK)
+        if span <= CENTER_RANGE:
+            b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, (o_r3 // BC) == (o_c3 // BC),
+                                             tl.where(m, tl.exp2(b_G - b_c), 0.), tl.where(m, tl.exp2(b_c - b_G), 0.),
+                                             b_k, b_aq, b_al, NS, BC, BT, BK, DOT_PREC)
+        else:
+            # the lower-left quarter of every strip anchored on its lower half's first row (both factors <= 1)
+            b_e, up, m_a = level_factor(Gc + x_b, b_G, o_t, BC // 2, i_c, seq_len, BT, HV, K, i_k * BK, BK)
+            b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, (o_r3 // BC) == (o_c3 // BC),
+                                             tl.where(up, b_e, 0.), tl.where(up | ~m_a, 0., b_e), b_k, b_aq, b_al,
+                                             NS, BC, BT, BK, DOT_PREC)
+            # the in-half pairs: centred on each half's mid-decay, or by the remaining halving levels
+            span, b_c = block_centres(b_G, m, 2 * NS, BC // 2, BK)
+            if span <= CENTER_RANGE:
+                m_half = (o_r3 // (BC // 2)) == (o_c3 // (BC // 2))
+                b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_half,
+                                                 tl.where(m, tl.exp2(b_G - b_c), 0.),
+                                                 tl.where(m, tl.exp2(b_c - b_G), 0.), b_k, b_aq, b_al, NS, BC, BT, BK,
+                                                 DOT_PREC)
+            else:
+                for i_l in range(1, LOG_BC):
+                    b = BC >> (i_l + 1)
+                    b_e, up, m_a = level_factor(Gc + x_b, b_G, o_t, b, i_c, seq_len, BT, HV, K, i_k * BK, BK)
+                    b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml,
+                                                     (o_r3 // (2 * b)) == (o_c3 // (2 * b)), tl.where(up, b_e, 0.),
+                                                     tl.where(up | ~m_a, 0., b_e), b_k, b_aq, b_al, NS, BC, BT, BK,
+                                                     DOT_PREC)
         p_x, _ = row_tile(dqn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         tl.store(p_x, b_pa, mask=m)
         p_x, _ = row_tile(dkn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
