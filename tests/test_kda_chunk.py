@@ -102,6 +102,26 @@ def test_chunk_decay_across_the_diagonal_anchor_limit(K, T, HV, cu, steep):
 
 @pytest.mark.interpret
 @needs_kernels
+def test_chunk_large_operands_with_steep_decays():
+    """q, k, v scaled by 600 (no l2norm) with a log2 decay of 13.7 per step: a strip spans ~205, inside the backward
+    fix's centred tier by decay alone, but its products would pass 2^128 with factors up to 2^103 on operands this
+    large; the tier's cap must shrink (chunk_bwd_fix.py) so every gradient stays finite and matches the oracle (the
+    problem's own conditioning leaves ~1.5e-4 in fp32)."""
+    x, kw = make_case(1, 64, 1, 1, 32, 16, torch.float32, gate="none", l2=False, seed=1)
+    with torch.no_grad():
+        x["g"][...] = -9.5
+        for n in ("q", "k", "v"):
+            x[n].mul_(600.0)
+    o, ht = call(fastattn.chunk_kda, x, kw)
+    ro, rht = call(naive_chunk_kda, x, kw)
+    assert rel(o, ro) < 1e-3 and rel(ht, rht) < 1e-3
+    got, ref = loss_and_grads(o, ht, x), loss_and_grads(ro, rht, x)
+    for name in got:
+        assert rel(got[name], ref[name]) < 1e-3, (name, rel(got[name], ref[name]))
+
+
+@pytest.mark.interpret
+@needs_kernels
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_chunk_causality_is_exact(chunk):
     """Changing tokens after position t changes no output before t, bit for bit."""

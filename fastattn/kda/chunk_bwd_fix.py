@@ -11,9 +11,10 @@ import triton.language as tl
 from ._common import chunk_tile_program, load_beta, load_qk_tile, load_row_tile, row_tile
 from .chunk_intra import far_rows
 
-# Largest log2 decay across a block of rows that its centred products take: row and column factors within 2^+-112
-# (normal fp32 / tf32 products for q, k entries of magnitude 2^-14 ... 2^16). On the bench's mode-B gate (H200,
-# B8 T4096 bf16) most tiles' strips fit, nearly all halves: fwd+bwd 9.84 -> 9.42 ms against halving levels throughout.
+# Largest log2 decay across a block of rows that its centred products take: row and column factors within 2^+-112,
+# less where the operands' magnitudes need the headroom (below 2^120 in every product). On the bench's mode-B gate
+# (H200, B8 T4096 bf16) most tiles' strips fit, nearly all halves: fwd+bwd 9.84 -> 9.42 ms against halving levels
+# throughout (the magnitude cap costs 0.05 ms of it).
 CENTER_RANGE = tl.constexpr(224.0)
 
 
@@ -92,9 +93,14 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
         b_pa = b_da[:, None] * b_k
         b_pl = b_dl[:, None] * b_k
         b_qr = b_da[:, None] * b_aq + b_dl[:, None] * b_al
-        # every strip spanning <= 2^CENTER_RANGE: all its pairs by one product, factors centred on its mid-decay
+        # centred factors reach 2^(span / 2): take them only while every intermediate stays below 2^120 (the products
+        # sum BC terms |dM| |k|, |dM| |scale q|, |dM| |beta k|; fp32 / tf32 overflow at 2^128)
+        b_mx = tl.max(tl.max(tl.max(tl.maximum(tl.abs(b_Ma), tl.abs(b_Ml)), axis=2), axis=1), axis=0)
+        b_mx *= tl.max(tl.max(tl.maximum(tl.abs(b_k), tl.maximum(tl.abs(b_aq), tl.abs(b_al))), axis=1), axis=0) * BC
+        cap = tl.minimum(CENTER_RANGE, 2 * (120. - tl.log2(b_mx + 1e-30)))
+        # every strip spanning <= 2^cap: all its pairs by one product, factors centred on its mid-decay
         span, b_c = block_centres(b_G, m, NS, BC, BK)
-        if span <= CENTER_RANGE:
+        if span <= cap:
             b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, (o_r3 // BC) == (o_c3 // BC),
                                              tl.where(m, tl.exp2(b_G - b_c), 0.), tl.where(m, tl.exp2(b_c - b_G), 0.),
                                              b_k, b_aq, b_al, NS, BC, BT, BK, DOT_PREC)
@@ -106,7 +112,7 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
                                              NS, BC, BT, BK, DOT_PREC)
             # the in-half pairs: centred on each half's mid-decay, or by the remaining halving levels
             span, b_c = block_centres(b_G, m, 2 * NS, BC // 2, BK)
-            if span <= CENTER_RANGE:
+            if span <= cap:
                 m_half = (o_r3 // (BC // 2)) == (o_c3 // (BC // 2))
                 b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_half,
                                                  tl.where(m, tl.exp2(b_G - b_c), 0.),
