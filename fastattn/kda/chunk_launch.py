@@ -33,6 +33,10 @@ GATE_LAUNCH = dict(num_warps=4, num_stages=1)
 GATE_BK = 64        # K tile of stage 1a-0
 INTRA_LAUNCH = dict(num_warps=4, num_stages=1, maxnreg=96)
 INTRA_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)   # fp32 inputs: 136 / 160 registers, 288 B of spills at 96
+# 16-bit inputs without the in-kernel l2norm (fla's mode A): 2 warps, 146 registers, forward B8 T4096 bf16 on an
+# H200 1.542 -> 1.500 ms; with it (the model path, whose steep gates run the exact diagonal loop) 2 warps lose
+# (2.155 -> 2.186 ms), as do 4 warps at 112 registers (+0.03 / +0.03) and 8 at 64 (+0.15 / +0.47)
+INTRA_LAUNCH_NO_L2 = dict(num_warps=2, num_stages=1)
 INTRA_BK = 32       # K tile of stage 1a
 # stage 1b in two kernels: the inversion per (chunk, head) (levels 2-8 as batched [4, 16, 16] products: 96 registers),
 # then one program per K / V tile; tile 32: 146 / 116 registers in modes A / B (3-4 programs per SM), 64: 214 / 231
@@ -191,7 +195,8 @@ def chunk_kda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, opts: KDAOpt
         q, k, beta, Gc, Aqk, Tinv, rstd[0], rstd[1], cu, idx, opts.scale, T,
         H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BKi, NK=triton.cdiv(K, BKi),
         USE_L2NORM=opts.use_qk_l2norm, USE_SIGMOID=opts.use_beta_sigmoid, DOT_PREC=prec,
-        **(INTRA_LAUNCH_FP32 if q.dtype == torch.float32 else INTRA_LAUNCH))
+        **(INTRA_LAUNCH_FP32 if q.dtype == torch.float32 else
+           INTRA_LAUNCH if opts.use_qk_l2norm else INTRA_LAUNCH_NO_L2))
     _wy_factors(q, k, v, beta, Gc, Tinv, rstd, (w, u, qg, kd, None), cu, idx, opts, BT, invert=True)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=v.dtype)
     h = torch.empty(NT, HV, K, V, device=q.device, dtype=state_dtype(q.dtype)) if save else torch.empty(0, **f32)
