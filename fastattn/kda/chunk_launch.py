@@ -35,7 +35,7 @@ INTRA_LAUNCH = dict(num_warps=4, num_stages=1, maxnreg=96)
 INTRA_LAUNCH_FP32 = dict(num_warps=4, num_stages=1)   # fp32 inputs: 136 / 160 registers, 288 B of spills at 96
 # 16-bit inputs without the in-kernel l2norm (fla's mode A): 2 warps, 146 registers, forward B8 T4096 bf16 on an
 # H200 1.542 -> 1.500 ms; with it (the model path, whose steep gates run the exact diagonal loop) 2 warps lose
-# (2.155 -> 2.186 ms), as do 4 warps at 112 registers (+0.03 / +0.03) and 8 at 64 (+0.15 / +0.47)
+# (2.155 -> 2.186 ms), as do 4 warps at 112 registers (+0.04 / +0.03) and 8 at 64 (+0.15 / +0.47)
 INTRA_LAUNCH_NO_L2 = dict(num_warps=2, num_stages=1)
 INTRA_BK = 32       # K tile of stage 1a
 # stage 1b in two kernels: the inversion per (chunk, head) (levels 2-8 as batched [4, 16, 16] products: 96 registers),
