@@ -1,10 +1,9 @@
 """FlashEVA backward, stage 2: dk and dv of the local keys.
 
-Key j is seen by queries t in [j, t_max(j)] (its window); dv_j = sum_t P_tj dO_t and
-dk_j = s sum_t dS_tj q_t, summed over the H / Hkv query heads of its kv head.
-Grid (key blocks of BN, Hkv, B); a program loops over the query blocks (BT tokens x GP heads, and over head
-groups when GP < H / Hkv), masking only edge blocks. Reads q, k, v, do, lse, delta; writes dk, dv (the
-landmark part is added later, in place, by the pooling backward).
+Key j is seen by queries t in [j, t_max(j)] (its window); dv_j = sum_t P_tj dO_t and dk_j = s sum_t dS_tj q_t, summed
+over the H / Hkv query heads of its kv head. Grid (key blocks of BN, Hkv, B); a program loops over the query blocks (BT
+tokens x GP heads, and over head groups when GP < H / Hkv), masking only edge blocks. Reads q, k, v, do, lse, delta;
+writes dk, dv (the landmark part is added later, in place, by the pooling backward).
 """
 import triton
 import triton.language as tl

@@ -149,7 +149,8 @@ class EvaCache:
 
 def _decode_triton(q, k_win, v_win, k_lm, v_lm, n_rem: int, n_loc: int, scale: float) -> torch.Tensor:
     """Split decode attention of q [B, H, D] over landmarks [0, n_rem) and window slots [0, n_loc)."""
-    from .decode import eva_decode_combine_kernel, eva_decode_kernel
+    from .decode import eva_decode_kernel
+    from .decode_combine import eva_decode_combine_kernel
     B, H, D = q.shape
     HKV = k_win.shape[2]
     total = n_rem + n_loc

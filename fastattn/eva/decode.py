@@ -2,8 +2,8 @@
 
 eva_decode_kernel: the augmented key range [0, N_LM + N_LOC) is cut into splits of SPLIT keys; each
 program (split, kv head, batch) runs an online softmax for the H / Hkv query heads of its kv head and
-writes a normalised partial output and its log2-sum-exp. Reads q, k_lm, v_lm, k_win, v_win.
-eva_decode_combine_kernel: grid (B * H); merges the partials of one head into o (q's dtype).
+writes a normalised partial output and its log2-sum-exp. Reads q, k_lm, v_lm, k_win, v_win; writes part_o,
+part_lse (merged by decode_combine.py).
 """
 import triton
 import triton.language as tl
@@ -48,18 +48,3 @@ def eva_decode_kernel(q, k_lm, v_lm, k_win, v_win, part_o, part_lse, qk_scale, N
     o_p = (i_b * H + o_h) * NS + i_s
     tl.store(part_o + o_p[:, None] * D + o_d[None, :], b_o, mask=m_g[:, None] & m_d[None, :])
     tl.store(part_lse + o_p, b_lse, mask=m_g)
-
-
-@triton.jit(do_not_specialize=["n_split"])
-def eva_decode_combine_kernel(part_o, part_lse, o, n_split, D: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr):
-    i_bh = tl.program_id(0).to(tl.int64)
-    o_s = tl.arange(0, NS)
-    m_s = o_s < n_split
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_lse = tl.load(part_lse + i_bh * NS + o_s, mask=m_s, other=float("-inf"))
-    b_w = tl.exp2(b_lse - tl.max(b_lse, 0))
-    b_w = tl.where(m_s, b_w, 0.)
-    b_po = tl.load(part_o + (i_bh * NS + o_s)[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.)
-    b_o = tl.sum(b_w[:, None] * b_po, 0) / tl.sum(b_w, 0)
-    tl.store(o + i_bh * D + o_d, b_o.to(o.dtype.element_ty), mask=m_d)

@@ -1,10 +1,9 @@
 """FlashEVA landmark pooling, backward (accumulates into dk, dv in place).
 
-With alpha = softmax(mu.k), beta = softmax(s (phi.k - |k|^2/2)) per chunk and a_m = alpha_m (k_m.dkl - kl.dkl),
-b_m = beta_m (v_m.dvl - vl.dvl): dk_m += alpha_m dkl + a_m mu + s b_m (phi - k_m), dv_m += beta_m dvl,
-dmu += sum a_m k_m, dphi += s sum b_m k_m. kl.dkl and vl.dvl are re-summed from the tokens in fp32.
-Grid (chunk groups of NCB, Hkv, B). Reads k, v, mu, phi, lm_lse, dk_lm, dv_lm (sum of NSEG slices), dk, dv;
-writes dk, dv (read-modify-write of whole chunks) and per-program partial dmu, dphi [B, NZ, Hkv, D] fp32.
+alpha = softmax(mu.k), beta = softmax(s (phi.k - |k|^2/2)) per chunk, a_m = alpha_m (k_m.dkl - kl.dkl), b_m = beta_m
+(v_m.dvl - vl.dvl): dk_m += alpha_m dkl + a_m mu + s b_m (phi - k_m), dv_m += beta_m dvl, dmu += sum a_m k_m, dphi +=
+s sum b_m k_m (kl.dkl, vl.dvl re-summed in fp32). Grid (chunk groups of NCB, Hkv, B). Reads k, v, mu, phi, lm_lse,
+dk_lm, dv_lm (NSEG slices), dk, dv; writes dk, dv (whole chunks) and per-program partial dmu, dphi [B, NZ, Hkv, D].
 """
 import triton
 import triton.language as tl

@@ -1,11 +1,9 @@
 """Token-by-token KDA backward: reverse-time sweep over BS-token segments, states recomputed, never inverted.
 
-Per segment (last first): reload the checkpointed entry state, replay the segment forward writing each
-S_{t-1} to a per-program scratch, then step back in time with dS = dL/dS_t (starting from dht):
-dS += q~ do^T; dq~ = S_t do; dw = dS^T k; dbeta = dw.e; de = beta dw = dv; dk = dS w - S~ de;
-dS~ = dS - k de^T; dg = rowsum(dS~ * S~); dS_{t-1} = 2^(log2e g) dS~. l2norm, gate and sigmoid backward
-are applied in-kernel. Grid (V tiles, N*HV); dq, dk, dg, dbeta, dA_log, ddt_bias are per-V-tile partials
-(fp32) summed in torch. Reads q, k, v, g, beta, A_log, dt_bias, ckpt, do, dht. Writes dv, dh0, partials.
+Per segment (last first): reload its checkpointed entry state, replay it forward storing each S_{t-1} to scratch, then
+step back from dht: dS += q~ do^T; dq~ = S_t do; dw = dS^T k; dbeta = dw.e; dv = de = beta dw; dk = dS w - S~ de;
+dS~ = dS - k de^T; dg = rowsum(dS~ * S~); dS_{t-1} = 2^(log2e g) dS~; l2norm, gate, sigmoid backward in-kernel. Grid
+(V tiles, N*HV). Reads q, k, v, g, beta, A_log, dt_bias, ckpt, do, dht; writes dv, dh0, fp32 per-V-tile partials.
 """
 import torch
 import triton

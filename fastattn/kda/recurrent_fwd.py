@@ -1,10 +1,9 @@
 """Token-by-token KDA forward; with STORE_CKPT it is also the checkpoint sweep of the backward.
 
-Per value head, state S [K, V] fp32 in registers; per token: S <- 2^(log2e g) * S (exponent <= 0),
-w = beta (v - S^T k), S <- S + k w^T, o = S^T (scale q). l2norm of q/k, the gate and the beta sigmoid
-are applied in-kernel. Grid (V tiles of BV, N*HV): columns of S are independent; each program holds all
-of K (BK) for BV columns and walks its sequence. Reads q, k, v, g, beta, A_log, dt_bias, h0.
-Writes o, the final state ht, and (STORE_CKPT) the state entering every BS-token segment into ckpt.
+State S [K, V] fp32 in registers; per token: S <- 2^(log2e g) S (exponent <= 0), w = beta (v - S^T k), S <- S + k w^T,
+o = S^T (scale q); l2norm, gate and beta sigmoid in-kernel. Grid (V tiles of BV, N*HV): S's columns are independent,
+a program holds all of K for BV columns and walks its sequence. Reads q, k, v, g, beta, A_log, dt_bias, h0; writes o,
+the final state ht and (STORE_CKPT) the state entering every BS-token segment into ckpt.
 """
 import triton
 import triton.language as tl
