@@ -21,13 +21,14 @@ CENTER_RANGE = tl.constexpr(224.0)
 @triton.jit
 def level_factor(G_b, b_G, o_t, b, i_c, seq_len, BT: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, c0,
                  BK: tl.constexpr):
-    """Level b of the exact in-strip products: each 2b-row block anchored on its
-    lower half's first row a. Returns e = 2^(G_i - G_a) for the lower-half rows (`up`), 2^(G_a - G_i) for the
-    upper-half ones (both <= 1), `up` [BT, 1] and the anchors' mask m_a."""
+    """Level b of the halving scheme: each 2b-row block anchored on its lower half's first row a. Returns the row
+    factors 2^(G_i - G_a) of the lower-half rows and the column factors 2^(G_a - G_j) of the upper-half ones (both
+    <= 1, 0 elsewhere), so that their products cover the pairs (lower half, upper half) of every block."""
     o_a = (o_t // (2 * b)) * (2 * b) + b
     b_Ga, m_a = load_row_tile(G_b, o_a, (i_c * BT + o_a) < seq_len, HV * K, c0, K, BK)
     up = ((o_t % (2 * b)) >= b)[:, None]
-    return tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.)), up, m_a
+    b_e = tl.exp2(tl.minimum(tl.where(up, b_G - b_Ga, b_Ga - b_G), 0.))
+    return tl.where(up, b_e, 0.), tl.where(up | ~m_a, 0., b_e)
 
 
 @triton.jit
@@ -40,6 +41,12 @@ def block_centres(b_G, m, NB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr):
     b_lo = tl.min(tl.where(m3, b_G3, 1e30), axis=1)
     b_c = tl.reshape(tl.broadcast_to(((b_hi + b_lo) * 0.5)[:, None, :], [NB, RB, BK]), [NB * RB, BK])
     return tl.max(tl.max(b_hi - b_lo, axis=1), axis=0), b_c
+
+
+@triton.jit
+def centred_factors(b_G, b_c, m):
+    """Row and column factors 2^(G_i - c), 2^(c - G_j) around block_centres' c (0 outside the mask)."""
+    return tl.where(m, tl.exp2(b_G - b_c), 0.), tl.where(m, tl.exp2(b_c - b_G), 0.)
 
 
 @triton.jit
@@ -100,32 +107,30 @@ def kda_intra_fix_bwd_kernel(q, k, beta, Gc, rstd_q, rstd_k, dAqk, dL, far, dqn,
         cap = tl.minimum(CENTER_RANGE, 2 * (120. - tl.log2(b_mx + 1e-30)))
         # every strip spanning <= 2^cap: all its pairs by one product, factors centred on its mid-decay
         span, b_c = block_centres(b_G, m, NS, BC, BK)
+        m_all = (o_r3 // BC) == (o_c3 // BC)
         if span <= cap:
-            b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, (o_r3 // BC) == (o_c3 // BC),
-                                             tl.where(m, tl.exp2(b_G - b_c), 0.), tl.where(m, tl.exp2(b_c - b_G), 0.),
-                                             b_k, b_aq, b_al, NS, BC, BT, BK, DOT_PREC)
+            b_rf, b_cf = centred_factors(b_G, b_c, m)
+            b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_all, b_rf, b_cf, b_k, b_aq, b_al,
+                                             NS, BC, BT, BK, DOT_PREC)
         else:
             # the lower-left quarter of every strip anchored on its lower half's first row (both factors <= 1)
-            b_e, up, m_a = level_factor(Gc + x_b, b_G, o_t, BC // 2, i_c, seq_len, BT, HV, K, i_k * BK, BK)
-            b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, (o_r3 // BC) == (o_c3 // BC),
-                                             tl.where(up, b_e, 0.), tl.where(up | ~m_a, 0., b_e), b_k, b_aq, b_al,
+            b_rf, b_cf = level_factor(Gc + x_b, b_G, o_t, BC // 2, i_c, seq_len, BT, HV, K, i_k * BK, BK)
+            b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_all, b_rf, b_cf, b_k, b_aq, b_al,
                                              NS, BC, BT, BK, DOT_PREC)
             # the in-half pairs: centred on each half's mid-decay, or by the remaining halving levels
             span, b_c = block_centres(b_G, m, 2 * NS, BC // 2, BK)
             if span <= cap:
+                b_rf, b_cf = centred_factors(b_G, b_c, m)
                 m_half = (o_r3 // (BC // 2)) == (o_c3 // (BC // 2))
-                b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_half,
-                                                 tl.where(m, tl.exp2(b_G - b_c), 0.),
-                                                 tl.where(m, tl.exp2(b_c - b_G), 0.), b_k, b_aq, b_al, NS, BC, BT, BK,
-                                                 DOT_PREC)
+                b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml, m_half, b_rf, b_cf, b_k, b_aq, b_al,
+                                                 NS, BC, BT, BK, DOT_PREC)
             else:
                 for i_l in range(1, LOG_BC):
                     b = BC >> (i_l + 1)
-                    b_e, up, m_a = level_factor(Gc + x_b, b_G, o_t, b, i_c, seq_len, BT, HV, K, i_k * BK, BK)
+                    b_rf, b_cf = level_factor(Gc + x_b, b_G, o_t, b, i_c, seq_len, BT, HV, K, i_k * BK, BK)
                     b_pa, b_pl, b_qr = pair_products(b_pa, b_pl, b_qr, b_Ma, b_Ml,
-                                                     (o_r3 // (2 * b)) == (o_c3 // (2 * b)), tl.where(up, b_e, 0.),
-                                                     tl.where(up | ~m_a, 0., b_e), b_k, b_aq, b_al, NS, BC, BT, BK,
-                                                     DOT_PREC)
+                                                     (o_r3 // (2 * b)) == (o_c3 // (2 * b)), b_rf, b_cf, b_k, b_aq,
+                                                     b_al, NS, BC, BT, BK, DOT_PREC)
         p_x, _ = row_tile(dqn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
         tl.store(p_x, b_pa, mask=m)
         p_x, _ = row_tile(dkn + x_b, o_t, m_t, HV * K, i_k * BK, K, BK)
